@@ -1,0 +1,82 @@
+"""Training throughput of the library's loop vs a bare inline PyTorch loop, same process, one run.
+
+For each architecture, both loops train a copy of the same initial model on the same resident tensor of
+images, in the same batch order, with the same optimizer (AdamW) and batch size. The library loop is
+``fer_core.training.train_one_epoch`` (with its scheduler, loss plumbing and, with ``--augment``, its
+augmentation); the bare loop is the few lines every tutorial has. Epochs alternate between the two so
+that machine noise hits both alike; the median images/s of each is reported and the ratio library/bare
+(target >= 0.95, with augmentation off, so both do the same arithmetic).
+
+Run: ``python benchmarks/throughput.py [--n 1024] [--rounds 5] [--arch main ...] [--augment]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fer_core.config import TrainConfig
+from fer_core.models import list_models
+from fer_core.training import Trainer, make_optimizer, train_one_epoch
+
+
+def bare_epoch(model, optimizer, x, y, order, batch_size) -> None:
+    """The plain loop: forward, loss, backward, step."""
+    model.train()
+    for i in range(len(x) // batch_size):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        optimizer.step()
+
+
+def measure(arch: str, n: int, rounds: int, augment: bool, batch_size: int) -> tuple[float, float]:
+    """Median images/s of (library loop, bare loop) over alternating epochs."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (n, 48, 48), dtype=np.uint8)
+    labels = rng.integers(0, 4, n)
+    cfg = TrainConfig(arch=arch, batch_size=batch_size, epochs=rounds + 1, label_smoothing=0.0,
+                      aug_strength=1.0 if augment else 0.0, schedule="constant")
+    tr = Trainer(cfg, pixels, labels, pixels[:0], labels[:0], 4)
+    bare = copy.deepcopy(tr.model)
+    bare_opt = make_optimizer(bare, cfg)
+    order = torch.randperm(n)
+    used = (n // batch_size) * batch_size
+    lib_rates, bare_rates = [], []
+    train_one_epoch(tr)  # warm-up both (allocator, kernels)
+    bare_epoch(bare, bare_opt, tr.x, tr.y, order, batch_size)
+    for _ in range(rounds):
+        t = time.perf_counter()
+        train_one_epoch(tr)
+        lib_rates.append(used / (time.perf_counter() - t))
+        t = time.perf_counter()
+        bare_epoch(bare, bare_opt, tr.x, tr.y, order, batch_size)
+        bare_rates.append(used / (time.perf_counter() - t))
+    return statistics.median(lib_rates), statistics.median(bare_rates)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1024, help="training images per epoch")
+    p.add_argument("--rounds", type=int, default=5, help="timed epochs per loop")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--arch", nargs="*", default=list_models())
+    p.add_argument("--augment", action="store_true", help="library loop augments (bare does not)")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n={args.n}, "
+          f"batch {args.batch_size}, {args.rounds} alternating epochs, augment={args.augment}")
+    print(f"{'arch':10s} {'library img/s':>14s} {'bare img/s':>11s} {'ratio':>6s}")
+    for arch in args.arch:
+        lib, bare = measure(arch, args.n, args.rounds, args.augment, args.batch_size)
+        print(f"{arch:10s} {lib:14.1f} {bare:11.1f} {lib / bare:6.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Saved models: weights plus everything needed to use them (architecture, classes, size, normalisation).
+
+A checkpoint holds only tensors, strings, numbers and lists, so it loads with
+``torch.load(..., weights_only=True)``: loading a model file never runs code from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fer_core import __version__
+from fer_core.models import create_model
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "fer-bias-study/model-v1"
+_NOT_A_MODEL = "{0}: not a fer-bias-study model file (format {1!r}); save one with study.kfold or study.tune"
+
+
+@dataclass
+class SavedModel:
+    """A loaded model and the metadata to prepare its inputs and name its outputs."""
+
+    model: nn.Module
+    arch: str
+    classes: tuple[str, ...]
+    input_size: tuple[int, int]
+    mean: float
+    std: float
+    config: dict
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, classes: tuple[str, ...],
+               input_size: tuple[int, int], mean: float, std: float, config: dict | None = None) -> Path:
+    """Write the model file atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "version": __version__,
+        "arch": arch,
+        "classes": list(classes),
+        "input_size": list(input_size),
+        "mean": float(mean),
+        "std": float(std),
+        "config": dict(config or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> SavedModel:
+    """Load a model file with ``weights_only=True`` and rebuild its architecture."""
+    payload = torch.load(Path(path), map_location=device, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        fmt = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(_NOT_A_MODEL.format(path, fmt))
+    config = payload["config"]
+    model = create_model(payload["arch"], num_classes=len(payload["classes"]),
+                         dropout=float(config.get("dropout", 0.0)))
+    model.load_state_dict(payload["state_dict"])
+    model.to(device).eval()
+    return SavedModel(model, payload["arch"], tuple(payload["classes"]), tuple(payload["input_size"]),
+                      payload["mean"], payload["std"], config)

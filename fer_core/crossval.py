@@ -1,0 +1,116 @@
+"""k-fold cross-validation of one configuration: per-fold metrics and per-image test predictions.
+
+The test fold is used once, after training, to score the model: training, augmentation, early
+stopping and model selection only ever see the training folds (validation is carved from them).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from fer_core import __version__
+from fer_core.config import SplitConfig, TrainConfig, config_hash, to_dict
+from fer_core.data import FaceDataset
+from fer_core.metrics import classification_metrics, confusion
+from fer_core.splits import carve_validation, kfold_splits
+from fer_core.training import EpochCallback, FitResult, evaluate, fit, to_tensor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldRun:
+    """One trained fold: its test metrics, confusion matrix, predictions and the fitted model."""
+
+    fold: int
+    metrics: dict[str, float]
+    confusion: np.ndarray
+    predictions: pd.DataFrame
+    result: FitResult
+
+
+def train_groups(ds: FaceDataset, idx: np.ndarray, cfg: TrainConfig) -> np.ndarray | None:
+    """Group of each training image for the mitigations (``"unknown"`` where the attribute is null)."""
+    if cfg.mitigation == "none":
+        return None
+    if cfg.group_attr not in ds.manifest:
+        raise KeyError(f"mitigation {cfg.mitigation!r}: dataset {ds.name!r} has no attribute "
+                       f"{cfg.group_attr!r}; attributes: {list(ds.attributes)}")
+    return ds.manifest[cfg.group_attr].iloc[idx].fillna("unknown").astype(str).to_numpy()
+
+
+def split_validation(ds: FaceDataset, train_idx: np.ndarray, cfg: TrainConfig, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Carve ``(fit_idx, val_idx)`` (dataset row indices) out of the training rows."""
+    if cfg.val_fraction == 0:
+        return train_idx, train_idx[:0]
+    labels, ids = ds.labels[train_idx], ds.manifest["image_id"].to_numpy()[train_idx]
+    fit_rel, val_rel = carve_validation(labels, ids, cfg.val_fraction, seed)
+    return train_idx[fit_rel], train_idx[val_rel]
+
+
+def train_on_split(cfg: TrainConfig, ds: FaceDataset, train_idx: np.ndarray, test_idx: np.ndarray, *,
+                   fold: int = 0, split_seed: int = 0, on_epoch_end: EpochCallback | None = None,
+                   ) -> FoldRun:
+    """Fit on ``train_idx`` (validation carved from it), then score once on ``test_idx``."""
+    fit_idx, val_idx = split_validation(ds, np.asarray(train_idx), cfg, seed=split_seed * 1000 + fold)
+    labels = ds.labels
+    result = fit(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
+                 len(ds.classes), train_groups=train_groups(ds, fit_idx, cfg), on_epoch_end=on_epoch_end)
+    return score_fold(ds, test_idx, result, fold)
+
+
+def score_fold(ds: FaceDataset, test_idx: np.ndarray, result: FitResult, fold: int) -> FoldRun:
+    """Test metrics and the per-image prediction table of a fitted model."""
+    device = next(result.model.parameters()).device
+    x_test = to_tensor(ds.pixels[test_idx], result.mean, result.std, device)
+    y_test = ds.labels[test_idx]
+    probs = evaluate(result.model, x_test, y_test, len(ds.classes))["probs"]
+    y_pred = probs.argmax(1)
+    metrics = classification_metrics(y_test, y_pred, ds.classes)
+    metrics.update(fold=fold, best_epoch=result.best_epoch, epochs_run=len(result.history),
+                   n_train=0, n_test=len(test_idx))
+    preds = prediction_frame(ds, test_idx, y_pred, probs)
+    preds.insert(0, "fold", fold)
+    return FoldRun(fold, metrics, confusion(y_test, y_pred, len(ds.classes)), preds, result)
+
+
+def prediction_frame(ds: FaceDataset, idx: np.ndarray, y_pred: np.ndarray, probs: np.ndarray
+                     ) -> pd.DataFrame:
+    """One row per image: image_id, y_true, y_pred (class names), p_<class>, attribute columns."""
+    rows = ds.manifest.iloc[idx].reset_index(drop=True)
+    classes = np.asarray(ds.classes)
+    frame = pd.DataFrame({"image_id": rows["image_id"], "y_true": rows["label"],
+                          "y_pred": classes[np.asarray(y_pred, dtype=int)]})
+    for j, c in enumerate(ds.classes):
+        frame[f"p_{c}"] = probs[:, j].astype(np.float32)
+    for attr in ds.attributes:
+        if attr != "subset":
+            frame[attr] = rows[attr]
+    return frame
+
+
+def run_kfold(cfg: TrainConfig, split: SplitConfig, ds: FaceDataset,
+              on_epoch_end: EpochCallback | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[FoldRun]]:
+    """Cross-validate ``cfg`` on ``ds``; returns (per-fold metrics, predictions, fold runs)."""
+    runs = []
+    groups = ds.manifest["image_id"].to_numpy()
+    for fold, (train_idx, test_idx) in enumerate(kfold_splits(ds.labels, groups, split.k, split.split_seed)):
+        run = train_on_split(cfg, ds, train_idx, test_idx, fold=fold, split_seed=split.split_seed,
+                             on_epoch_end=on_epoch_end)
+        run.metrics["n_train"] = len(train_idx)
+        logger.info("fold %d/%d: accuracy %.3f macro-F1 %.3f", fold + 1, split.k,
+                    run.metrics["accuracy"], run.metrics["macro_f1"])
+        runs.append(run)
+    tag = {"arch": cfg.arch, "seed": cfg.seed, "split_seed": split.split_seed,
+           "config_hash": config_hash({"train": to_dict(cfg), "split": to_dict(split)}),
+           "version": __version__}
+    folds = pd.DataFrame([{**tag, **r.metrics, "confusion": r.confusion.ravel().tolist()} for r in runs])
+    preds = pd.concat([r.predictions for r in runs], ignore_index=True)
+    for key, value in tag.items():
+        preds[key] = value
+    return folds, preds, runs

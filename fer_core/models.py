@@ -1,0 +1,128 @@
+"""Model registry: three CNN architectures for 48x48 single-channel faces, on shared building blocks.
+
+``create_model(name, num_classes=4, in_chans=1)`` builds a registered architecture; ``list_models()``
+names them. Every model ends in global average pooling, so it accepts any input size, and has no dense
+layer sized by the image (the old scripts' 160,000-input dense layer on upscaled images is gone).
+
+- ``main``: a compact conv net, three stages of two 3x3 convolutions.
+- ``variant1``: deeper, four stages of three 3x3 convolutions.
+- ``variant2``: larger kernels, three stages of two 5x5 convolutions (7x7 stem), narrower so that its
+  cost stays comparable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_UNKNOWN_MODEL = "unknown model {0!r}; known: {1}"
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a builder under its function name."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Names of the registered architectures, in registration order."""
+    return list(_MODELS)
+
+
+def create_model(name: str, *, num_classes: int = 4, in_chans: int = 1, dropout: float = 0.3) -> nn.Module:
+    """Build the architecture ``name``; raises ``KeyError`` naming the known ones for an unknown name."""
+    if name not in _MODELS:
+        raise KeyError(_UNKNOWN_MODEL.format(name, list_models()))
+    return _MODELS[name](num_classes=num_classes, in_chans=in_chans, dropout=dropout)
+
+
+def conv_bn(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
+    """Convolution (no bias), batch norm, ReLU; 'same' padding."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def stage(cin: int, cout: int, depth: int, kernel: int = 3, pool: bool = True) -> nn.Sequential:
+    """``depth`` conv_bn layers, then 2x2 max pooling (halves H and W)."""
+    layers = [conv_bn(cin if i == 0 else cout, cout, kernel) for i in range(depth)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class ConvNet(nn.Module):
+    """Stem, a sequence of stages, global average pooling, dropout, linear classifier.
+
+    Parameters
+    ----------
+    widths
+        Output channels of each stage.
+    depth
+        Convolutions per stage.
+    kernel
+        Kernel size inside the stages.
+    stem_kernel, stem_width
+        Kernel and output channels of the first convolution, which is followed by 2x2 max pooling.
+    """
+
+    def __init__(self, widths: list[int], depth: int, kernel: int, stem_kernel: int, stem_width: int,
+                 num_classes: int, in_chans: int, dropout: float) -> None:
+        super().__init__()
+        # 48x48 -> 24x24 right after the stem: full-resolution stages cost most of the FLOPs and add
+        # little for faces this small.
+        self.stem = nn.Sequential(conv_bn(in_chans, stem_width, stem_kernel), nn.MaxPool2d(2))
+        cins = [stem_width, *widths[:-1]]
+        stages = [stage(ci, co, depth, kernel) for ci, co in zip(cins, widths, strict=True)]
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(widths[-1], num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) for images (B, C, H, W)."""
+        return self.head(self.stages(self.stem(x)))
+
+
+@register_model
+def main(**kwargs) -> nn.Module:
+    """Compact: 3x3 stem (16), then 3 stages (32, 64, 128 channels) of two 3x3 convolutions."""
+    return ConvNet([32, 64, 128], depth=2, kernel=3, stem_kernel=3, stem_width=16, **kwargs)
+
+
+@register_model
+def variant1(**kwargs) -> nn.Module:
+    """Deeper: 3x3 stem (16), then 4 stages (32, 64, 128, 192 channels) of three 3x3 convolutions."""
+    return ConvNet([32, 64, 128, 192], depth=3, kernel=3, stem_kernel=3, stem_width=16, **kwargs)
+
+
+@register_model
+def variant2(**kwargs) -> nn.Module:
+    """Larger kernels: 7x7 stem (16), then 3 stages (24, 48, 96 channels) of two 5x5 convolutions."""
+    return ConvNet([24, 48, 96], depth=2, kernel=5, stem_kernel=7, stem_width=16, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_flops(model: nn.Module, input_size: tuple[int, int] = (48, 48), in_chans: int = 1) -> int:
+    """Forward FLOPs for one image (multiply-add counted as 2), via torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, in_chans, *input_size))
+    return int(counter.get_total_flops())

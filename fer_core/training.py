@@ -1,0 +1,311 @@
+"""The one training loop: ``train_one_epoch``, ``evaluate`` and ``fit``, reused by every entry point.
+
+Images are decoded once into a tensor that stays on the training device; epochs index into it, so no
+file is read after the start. Augmentation runs on training batches only, on the device (random flip,
+small shifts, rotations and scaling per image, and brightness/contrast jitter). Validation for early
+stopping is carved from the training data by the caller (see :func:`fer_core.splits.carve_validation`).
+
+Mitigations of group imbalance are training options here, so every entry point can use them:
+``resample`` (draw each epoch with weights balancing class x group cells), ``reweight`` (weight each
+example's loss by the inverse size of its class x group cell) and ``groupdro`` (online group DRO:
+exponentiated-gradient weights on the groups' losses, so the worst group dominates).
+
+:class:`Trainer` advances one epoch per :meth:`Trainer.step`; ``fit`` loops it and calls
+``on_epoch_end(epoch, metrics)`` after each epoch (return ``False`` to stop). The search layer steps
+several trainers (one per fold) in lockstep.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fer_core.config import TrainConfig
+from fer_core.metrics import macro_f1
+from fer_core.models import create_model
+
+logger = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], bool | None]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; any other value is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_tensor(pixels: np.ndarray, mean: float, std: float, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W) -> normalised float (N, 1, H, W) on ``device``."""
+    x = torch.as_tensor(np.asarray(pixels), dtype=torch.uint8).to(device)
+    return ((x.float() / 255.0 - mean) / std).unsqueeze(1)
+
+
+def augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Random per-image flip, rotation (±10°), shift (±10%), scale (±10%) and brightness/contrast.
+
+    torchvision's transforms draw one set of parameters per call, which would move a whole batch the
+    same way; here each image gets its own affine matrix, applied in one ``grid_sample`` call.
+    """
+    if strength <= 0:
+        return x
+    b = x.shape[0]
+
+    def uniform(scale: float) -> torch.Tensor:  # (B,) in [-scale, scale]
+        return (torch.rand(b, generator=gen, device=x.device) * 2 - 1) * scale * strength
+
+    angle, scale = uniform(math.radians(10)), 1 + uniform(0.1)
+    flip = torch.where(torch.rand(b, generator=gen, device=x.device) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([
+        torch.stack([cos * flip, -sin, uniform(0.2)], dim=1),
+        torch.stack([sin * flip, cos, uniform(0.2)], dim=1),
+    ], dim=1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    contrast, brightness = 1 + uniform(0.2), uniform(0.2)
+    return out * contrast.view(b, 1, 1, 1) + brightness.view(b, 1, 1, 1)
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: the best model (by validation macro-F1), its normalisation and history."""
+
+    model: nn.Module
+    mean: float
+    std: float
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def group_cells(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Integer id of each example's class x group cell (class alone when ``groups`` is None)."""
+    if groups is None:
+        return np.asarray(labels)
+    keys = [f"{y}|{g}" for y, g in zip(labels, groups, strict=True)]
+    return np.unique(keys, return_inverse=True)[1]
+
+
+def balancing_weights(cells: np.ndarray) -> np.ndarray:
+    """Per-example weight inversely proportional to its cell's size, mean 1."""
+    counts = np.bincount(cells)
+    w = 1.0 / counts[cells]
+    return w / w.mean()
+
+
+class Trainer:
+    """Trains one model on one training set, one epoch per :meth:`step`, with early stopping.
+
+    Parameters
+    ----------
+    cfg
+        The training recipe.
+    train_pixels, train_labels
+        uint8 images (N, H, W) and int labels (N,) to fit.
+    val_pixels, val_labels
+        Held-out images for early stopping and model selection (may be empty: then the last epoch wins).
+    num_classes
+        Number of classes.
+    train_groups
+        Group of each training example (for the mitigations); ``None`` if unknown.
+    """
+
+    def __init__(self, cfg: TrainConfig, train_pixels: np.ndarray, train_labels: np.ndarray,
+                 val_pixels: np.ndarray, val_labels: np.ndarray, num_classes: int,
+                 train_groups: np.ndarray | None = None) -> None:
+        self.cfg, self.num_classes = cfg, num_classes
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        pixels = np.asarray(train_pixels)
+        self.mean = float(pixels.mean() / 255.0)
+        self.std = float(pixels.std() / 255.0) or 1.0
+        self.x = to_tensor(pixels, self.mean, self.std, self.device)
+        self.y = torch.as_tensor(train_labels, dtype=torch.long, device=self.device)
+        self.x_val = to_tensor(val_pixels, self.mean, self.std, self.device)
+        self.y_val = np.asarray(val_labels)
+        self._setup_mitigation(np.asarray(train_labels), train_groups)
+        self.model = create_model(cfg.arch, num_classes=num_classes, dropout=cfg.dropout).to(self.device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.steps_per_epoch = max(1, len(self.x) // cfg.batch_size)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.amp_dtype = _amp_dtype(self.device) if cfg.amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.epoch, self.best_score, self.best_epoch, self.stale = 0, -math.inf, -1, 0
+        self.best_state = copy.deepcopy(self.model.state_dict())
+        self.history: list[dict[str, float]] = []
+
+    def _setup_mitigation(self, labels: np.ndarray, groups: np.ndarray | None) -> None:
+        cfg = self.cfg
+        self.sample_weights = self.loss_weights = self.group_index = None
+        if cfg.mitigation == "none":
+            return
+        if groups is None:
+            raise ValueError(f"mitigation {cfg.mitigation!r} needs the group of each training image "
+                             f"(attribute {cfg.group_attr!r})")
+        groups = np.asarray(groups, dtype=object)
+        cells = group_cells(labels, groups)
+        if cfg.mitigation == "resample":
+            self.sample_weights = torch.as_tensor(balancing_weights(cells), device=self.device)
+        elif cfg.mitigation == "reweight":
+            self.loss_weights = torch.as_tensor(balancing_weights(cells), dtype=torch.float32,
+                                                device=self.device)
+        else:  # groupdro: groups are the attribute's groups (unknown is a group of its own)
+            gid = np.unique(groups.astype(str), return_inverse=True)[1]
+            self.group_index = torch.as_tensor(gid, device=self.device)
+            self.n_groups = int(gid.max()) + 1
+            self.q = torch.full((self.n_groups,), 1.0 / self.n_groups, device=self.device)
+
+    @property
+    def done(self) -> bool:
+        """True once the epoch budget is spent or early stopping triggered."""
+        return self.epoch >= self.cfg.epochs or self.stale >= self.cfg.patience
+
+    def step(self) -> dict[str, float]:
+        """Train one epoch, validate, keep the best weights; returns the epoch's metrics."""
+        start = time.perf_counter()
+        metrics = train_one_epoch(self)
+        if len(self.y_val):
+            val = evaluate(self.model, self.x_val, self.y_val, self.num_classes, self.cfg.batch_size * 4,
+                           self.cfg.label_smoothing)
+            metrics.update({f"val_{k}": v for k, v in val.items() if k != "probs"})
+        score = metrics.get("val_macro_f1", float(self.epoch))
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.stale = score, self.epoch, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        else:
+            self.stale += 1
+        metrics.update(epoch=self.epoch, seconds=time.perf_counter() - start)
+        self.history.append(metrics)
+        self.epoch += 1
+        return metrics
+
+    def result(self) -> FitResult:
+        """The model with the best validation weights restored."""
+        self.model.load_state_dict(self.best_state)
+        self.model.eval()
+        return FitResult(self.model, self.mean, self.std, self.best_epoch, self.history)
+
+    def epoch_order(self) -> torch.Tensor:
+        """Example indices for one epoch: a permutation, or a balanced draw when resampling."""
+        n = len(self.x)
+        if self.sample_weights is not None:
+            return torch.multinomial(self.sample_weights, n, replacement=True, generator=self.gen)
+        return torch.randperm(n, generator=self.gen, device=self.device)
+
+    def loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Training loss of a batch, with the configured mitigation."""
+        per_example = F.cross_entropy(logits.float(), self.y[idx], reduction="none",
+                                      label_smoothing=self.cfg.label_smoothing)
+        if self.loss_weights is not None:
+            return (per_example * self.loss_weights[idx]).mean()
+        if self.group_index is None:
+            return per_example.mean()
+        g = self.group_index[idx]
+        sums = torch.zeros(self.n_groups, device=per_example.device).index_add_(0, g, per_example)
+        counts = torch.bincount(g, minlength=self.n_groups).clamp(min=1)
+        group_loss = sums / counts
+        with torch.no_grad():  # exponentiated-gradient ascent on the group weights
+            self.q = self.q * torch.exp(self.cfg.dro_eta * group_loss.detach())
+            self.q = self.q / self.q.sum()
+        return (self.q * group_loss).sum()
+
+
+def train_one_epoch(tr: Trainer) -> dict[str, float]:
+    """One pass over the training data of ``tr``; returns ``train_loss`` and ``lr``."""
+    model, cfg = tr.model.train(), tr.cfg
+    order = tr.epoch_order()
+    total = torch.zeros((), device=tr.device)
+    for i in range(tr.steps_per_epoch):
+        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        xb = augment(tr.x[idx], cfg.aug_strength, tr.gen)
+        with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
+                            enabled=tr.amp_dtype is not None):
+            loss = tr.loss(model(xb), idx)
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.scaler.scale(loss).backward()
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+        tr.scheduler.step()
+        total += loss.detach()
+    # one host sync per epoch, not per batch
+    return {"train_loss": float(total) / tr.steps_per_epoch, "lr": tr.optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Softmax probabilities (N, C) for prepared inputs ``x`` (N, 1, H, W)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [F.softmax(model(x[i:i + batch_size].to(device)).float(), dim=1).cpu()
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.head[-1].out_features))
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray, num_classes: int,
+             batch_size: int = 256, label_smoothing: float = 0.0) -> dict:
+    """Loss, accuracy and macro-F1 of ``model`` on prepared inputs; ``probs`` holds the (N, C) softmax."""
+    probs = predict_proba(model, x, batch_size)
+    y = np.asarray(y)
+    pred = probs.argmax(1)
+    loss = F.cross_entropy(torch.log(torch.as_tensor(probs).clamp_min(1e-12)), torch.as_tensor(y),
+                           label_smoothing=label_smoothing)
+    return {"loss": float(loss), "accuracy": float((pred == y).mean()),
+            "macro_f1": macro_f1(y, pred, num_classes), "probs": probs}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD (Nesterov momentum); no weight decay on biases and norm parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-batch learning-rate schedule over the whole epoch budget."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def fit(cfg: TrainConfig, train_pixels: np.ndarray, train_labels: np.ndarray, val_pixels: np.ndarray,
+        val_labels: np.ndarray, num_classes: int, *, train_groups: np.ndarray | None = None,
+        on_epoch_end: EpochCallback | None = None) -> FitResult:
+    """Train with early stopping on the validation set; returns the best model.
+
+    ``on_epoch_end(epoch, metrics)`` is called after every epoch; returning ``False`` stops training.
+    """
+    trainer = Trainer(cfg, train_pixels, train_labels, val_pixels, val_labels, num_classes, train_groups)
+    while not trainer.done:
+        metrics = trainer.step()
+        if on_epoch_end is not None and on_epoch_end(metrics["epoch"], metrics) is False:
+            break
+    logger.info("best epoch %d of %d (val macro-F1 %.3f)", trainer.best_epoch, trainer.epoch,
+                trainer.best_score)
+    return trainer.result()

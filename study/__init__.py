@@ -1,0 +1,1 @@
+"""study: orchestration and entry points (``python -m study.<command>``)."""

@@ -1,0 +1,129 @@
+"""Run a saved model on new data: ``python -m study.evaluate --model FILE --data X``.
+
+``X`` is a canonical dataset folder (written by ``study.prepare``), a folder of images (searched
+recursively; an image inside a folder named after one of the model's classes — after ``--class-map``
+renaming, e.g. ``--class-map Engaged=Focused`` — is labelled with it), or a single image file. Prints the
+predictions (and accuracy, macro-F1 and the confusion matrix where labels are known) and writes
+``predictions.parquet`` and ``metrics.json`` to ``--out``. Files that cannot be decoded are skipped,
+counted and listed, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fer_core.checkpoint import SavedModel, load_model
+from fer_core.config import parse_overrides
+from fer_core.data import load_dataset
+from fer_core.importer import BadImage, decode_image
+from fer_core.metrics import classification_metrics, confusion
+from fer_core.training import predict_proba, to_tensor
+from study.common import make_run_dir, setup_logging, write_table
+
+logger = logging.getLogger(__name__)
+
+_NO_IMAGES = "{0}: no decodable images found ({1} files skipped); nothing to evaluate"
+_NOT_FOUND = "{0}: no such file or folder"
+_SIZE = "{0}: images are {1}, the model expects {2}; re-import with study.prepare --size {3}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line interface."""
+    p = argparse.ArgumentParser(prog="python -m study.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model file (.pt) saved by study.kfold or study.tune")
+    p.add_argument("--data", required=True, help="canonical dataset folder, image folder, or one image")
+    p.add_argument("--class-map", nargs="*", default=[], metavar="FOLDER=CLASS",
+                   help="rename label folders to the model's class names")
+    p.add_argument("--out", help="output folder (default results/evaluate-<time>)")
+    p.add_argument("--show", type=int, default=20, help="print at most this many predictions")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def load_inputs(data: Path, saved: SavedModel, class_map: dict[str, str]
+                ) -> tuple[np.ndarray, pd.DataFrame, list[dict]]:
+    """Pixels (N, H, W), a frame with ``source_path``/``label`` (null if unknown), and skipped files."""
+    if (data / "manifest.parquet").is_file():
+        ds = load_dataset(data)
+        if ds.image_size != saved.input_size:
+            raise ValueError(_SIZE.format(data, ds.image_size, saved.input_size, saved.input_size[0]))
+        return np.asarray(ds.pixels), ds.manifest.reset_index(drop=True), []
+    if not data.exists():
+        raise FileNotFoundError(_NOT_FOUND.format(data))
+    files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.is_file())
+    pixels, rows, skipped = [], [], []
+    for path in files:
+        try:
+            pixels.append(decode_image(path, saved.input_size[0]))
+        except BadImage as exc:
+            skipped.append({"path": str(path), "reason": exc.args[0], "detail": exc.args[1]})
+            logger.warning("skipped %s: %s", path, exc.args[0])
+            continue
+        folder = class_map.get(path.parent.name, path.parent.name)
+        rows.append({"source_path": str(path), "label": folder if folder in saved.classes else None})
+    if not pixels:
+        raise ValueError(_NO_IMAGES.format(data, len(skipped)))
+    return np.stack(pixels), pd.DataFrame(rows), skipped
+
+
+def predict(saved: SavedModel, pixels: np.ndarray, frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``y_pred``, ``confidence`` and ``p_<class>`` columns to ``frame``."""
+    device = next(saved.model.parameters()).device
+    probs = predict_proba(saved.model, to_tensor(pixels, saved.mean, saved.std, device))
+    out = frame.copy()
+    out["y_pred"] = np.asarray(saved.classes)[probs.argmax(1)]
+    out["confidence"] = probs.max(1)
+    for j, c in enumerate(saved.classes):
+        out[f"p_{c}"] = probs[:, j]
+    return out
+
+
+def score(saved: SavedModel, preds: pd.DataFrame) -> dict:
+    """Metrics on the rows whose label is known (empty dict if none)."""
+    known = preds[preds["label"].notna()]
+    if known.empty:
+        return {}
+    lookup = {c: i for i, c in enumerate(saved.classes)}
+    y_true = known["label"].map(lookup).to_numpy()
+    y_pred = known["y_pred"].map(lookup).to_numpy()
+    metrics = classification_metrics(y_true, y_pred, saved.classes)
+    metrics["n_labelled"] = len(known)
+    metrics["confusion"] = confusion(y_true, y_pred, len(saved.classes)).tolist()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Predict with a saved model and report metrics where labels exist."""
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    saved = load_model(args.model)
+    class_map = {k: str(v) for k, v in parse_overrides(args.class_map).items()}
+    pixels, frame, skipped = load_inputs(Path(args.data), saved, class_map)
+    preds = predict(saved, pixels, frame)
+    metrics = score(saved, preds)
+    out = Path(args.out) if args.out else make_run_dir("results", "evaluate")
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(preds, out / "predictions.parquet", model=str(args.model))
+    report = {"model": str(args.model), "data": str(args.data), "n_images": len(preds),
+              "skipped": skipped, "metrics": metrics}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    cols = ["source_path", "label", "y_pred", "confidence"]
+    print(preds[cols].head(args.show).to_string(index=False))
+    print(f"{len(preds)} images predicted, {len(skipped)} files skipped")
+    if metrics:
+        print(f"on {metrics['n_labelled']} labelled images: accuracy {metrics['accuracy']:.4f}, "
+              f"macro-F1 {metrics['macro_f1']:.4f}")
+        print(f"confusion (rows true, columns predicted; {', '.join(saved.classes)}):")
+        print(np.array(metrics["confusion"]))
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

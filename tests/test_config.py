@@ -1,0 +1,54 @@
+import pytest
+
+from fer_core.config import (
+    SplitConfig,
+    TrainConfig,
+    config_hash,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+    to_toml,
+)
+
+
+def test_overrides_are_typed_and_nested():
+    assert parse_overrides(["lr=0.01", "train.epochs=3", "optimizer=sgd", "amp=false"]) == {
+        "lr": 0.01, "train": {"epochs": 3}, "optimizer": "sgd", "amp": False}
+
+
+def test_unknown_key_is_named(tmp_path):
+    cfg = tmp_path / "x.toml"
+    cfg.write_text("lr = 0.1\nlearning_rate = 0.2\n")
+    with pytest.raises(KeyError, match=r"x.toml.*'learning_rate'"):
+        load_config(TrainConfig, cfg)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(TypeError, match="'epochs' must be int"):
+        from_dict(TrainConfig, {"epochs": "ten"})
+    with pytest.raises(TypeError, match="'amp' must be bool"):
+        from_dict(TrainConfig, {"amp": 1})
+
+
+def test_bad_choice_and_range():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="k"):
+        SplitConfig(k=1)
+
+
+def test_int_is_accepted_for_float_and_file_then_command_line(tmp_path):
+    cfg = tmp_path / "x.toml"
+    cfg.write_text("lr = 1\nepochs = 5\n")
+    got = load_config(TrainConfig, cfg, ["epochs=7"])
+    assert got.lr == 1.0 and isinstance(got.lr, float) and got.epochs == 7
+
+
+def test_toml_round_trip_and_hash_is_stable():
+    import tomllib
+
+    cfg = TrainConfig(arch="variant1", lr=0.002)
+    back = from_dict(TrainConfig, tomllib.loads(to_toml(to_dict(cfg))))
+    assert back == cfg
+    assert config_hash(cfg) == config_hash(back) != config_hash(TrainConfig())

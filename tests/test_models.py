@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from fer_core.models import count_flops, count_parameters, create_model, list_models
+
+
+def test_registry_has_three_architectures():
+    assert list_models() == ["main", "variant1", "variant2"]
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(KeyError, match="unknown model 'resnet'.*main"):
+        create_model("resnet")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shape_no_nan_and_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4, in_chans=1)
+    x = torch.randn(3, 1, 48, 48)
+    logits = model(x)
+    assert logits.shape == (3, 4)
+    assert torch.isfinite(logits).all()
+    logits.logsumexp(1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+    assert all(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_global_pooling_accepts_other_sizes(name):
+    model = create_model(name, num_classes=7).eval()
+    assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 7)
+
+
+def test_parameter_and_flop_counts_are_ordered_as_designed():
+    params = {n: count_parameters(create_model(n)) for n in list_models()}
+    flops = {n: count_flops(create_model(n)) for n in list_models()}
+    # variant1 is the deeper one: more layers, more parameters and compute than main
+    assert params["variant1"] > params["main"] and flops["variant1"] > flops["main"]
+    # variant2's larger kernels cost more compute per image than main
+    assert flops["variant2"] > flops["main"]
+    convs = {n: [m for m in create_model(n).modules() if isinstance(m, torch.nn.Conv2d)]
+             for n in list_models()}
+    assert len(convs["variant1"]) > len(convs["main"])
+    kernels = {n: max(m.kernel_size[0] for m in convs[n]) for n in list_models()}
+    assert kernels["variant2"] > kernels["main"]

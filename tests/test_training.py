@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+
+from fer_core.config import TrainConfig
+from fer_core.training import Trainer, augment, balancing_weights, fit, group_cells
+from tests.helpers import bar_images
+
+FAST = dict(epochs=3, batch_size=16, lr=3e-3, patience=10)
+
+
+def test_fit_learns_and_calls_back_every_epoch():
+    x, y = bar_images(160, seed=0)
+    xv, yv = bar_images(40, seed=1)
+    seen = []
+    result = fit(TrainConfig(**FAST), x, y, xv, yv, 4, on_epoch_end=lambda e, m: seen.append((e, m)))
+    assert [e for e, _ in seen] == [0, 1, 2]
+    assert {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "seconds"} <= set(seen[0][1])
+    assert max(m["val_accuracy"] for _, m in seen) > 0.6  # chance is 0.25
+    assert result.best_epoch == int(np.argmax([m["val_macro_f1"] for _, m in seen]))
+
+
+def test_callback_returning_false_stops_training():
+    x, y = bar_images(48)
+    result = fit(TrainConfig(**FAST), x, y, x[:16], y[:16], 4, on_epoch_end=lambda e, m: False)
+    assert len(result.history) == 1
+
+
+def test_early_stopping_after_patience_without_improvement():
+    x, y = bar_images(48)
+    tr = Trainer(TrainConfig(epochs=50, batch_size=16, patience=2), x, y, x[:16], y[:16], 4)
+    tr.best_score = 2.0  # nothing can beat a macro-F1 of 2
+    while not tr.done:
+        tr.step()
+    assert tr.epoch == 2
+
+
+def test_same_seed_same_history_other_seed_differs():
+    x, y = bar_images(48)
+    runs = [fit(TrainConfig(epochs=2, batch_size=16, seed=s), x, y, x[:16], y[:16], 4) for s in (1, 1, 2)]
+    losses = [[h["train_loss"] for h in r.history] for r in runs]
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+def test_augment_is_per_image_and_off_at_zero_strength():
+    x = torch.rand(8, 1, 48, 48)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(augment(x, 0.0, gen), x)
+    same = x[:1].repeat(8, 1, 1, 1)
+    out = augment(same, 1.0, gen)
+    assert out.shape == same.shape
+    diffs = [(out[0] - out[i]).abs().mean().item() for i in range(1, 8)]
+    assert min(diffs) > 0  # every copy was transformed differently
+
+
+def test_balancing_weights_equalise_cells():
+    y = np.array([0, 0, 0, 0, 1, 1])
+    g = np.array(["F", "M", "M", "M", "F", "M"])
+    cells = group_cells(y, g)
+    w = balancing_weights(cells)
+    totals = {c: w[cells == c].sum() for c in np.unique(cells)}
+    assert np.allclose(list(totals.values()), list(totals.values())[0])
+    assert w.mean() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("mitigation", ["resample", "reweight", "groupdro"])
+def test_mitigations_train_and_need_groups(mitigation):
+    x, y = bar_images(64)
+    g = np.where(np.arange(64) < 48, "M", "F")
+    cfg = TrainConfig(epochs=1, batch_size=16, mitigation=mitigation)
+    result = fit(cfg, x, y, x[:16], y[:16], 4, train_groups=g)
+    assert np.isfinite(result.history[0]["train_loss"])
+    with pytest.raises(ValueError, match="needs the group"):
+        fit(cfg, x, y, x[:16], y[:16], 4)
+
+
+def test_resampling_draws_groups_evenly():
+    x, y = bar_images(200)
+    y[:] = 0
+    g = np.where(np.arange(200) < 180, "M", "F")  # 9:1
+    tr = Trainer(TrainConfig(epochs=1, batch_size=16, mitigation="resample"), x, y, x[:4], y[:4], 4, g)
+    order = tr.epoch_order().numpy()
+    share_f = (g[order] == "F").mean()
+    assert 0.4 < share_f < 0.6
+
+
+def test_group_dro_upweights_the_worse_group():
+    x, y = bar_images(64)
+    g = np.where(np.arange(64) % 2 == 0, "A", "B")
+    tr = Trainer(TrainConfig(epochs=1, batch_size=64, mitigation="groupdro", dro_eta=1.0),
+                 x, y, x[:4], y[:4], 4, g)
+    logits = torch.zeros(64, 4)
+    logits[torch.arange(64), tr.y] = 5.0  # right for everyone ...
+    logits[1::2] = 0.0  # ... except group B, which has the higher loss
+    tr.loss(logits, torch.arange(64))
+    assert tr.q[1] > tr.q[0]
