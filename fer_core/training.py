@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_core.config import TrainConfig
+from fer_core.fairness import accuracy_gap
 from fer_core.metrics import macro_f1
 from fer_core.models import create_model
 
@@ -47,7 +48,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def to_tensor(pixels: np.ndarray, mean: float, std: float, device: torch.device) -> torch.Tensor:
     """uint8 (N, H, W) -> normalised float (N, 1, H, W) on ``device``."""
-    x = torch.as_tensor(np.asarray(pixels), dtype=torch.uint8).to(device)
+    # copy: the source may be a read-only memory map or a zero-copy view from Ray's object store
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).to(device)
     return ((x.float() / 255.0 - mean) / std).unsqueeze(1)
 
 
@@ -118,11 +120,14 @@ class Trainer:
         Number of classes.
     train_groups
         Group of each training example (for the mitigations); ``None`` if unknown.
+    val_groups
+        Group of each validation example; when given, every epoch also reports ``val_gap``, the
+        largest between-group accuracy difference (for fairness-aware search).
     """
 
     def __init__(self, cfg: TrainConfig, train_pixels: np.ndarray, train_labels: np.ndarray,
                  val_pixels: np.ndarray, val_labels: np.ndarray, num_classes: int,
-                 train_groups: np.ndarray | None = None) -> None:
+                 train_groups: np.ndarray | None = None, val_groups: np.ndarray | None = None) -> None:
         self.cfg, self.num_classes = cfg, num_classes
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -134,6 +139,7 @@ class Trainer:
         self.y = torch.as_tensor(train_labels, dtype=torch.long, device=self.device)
         self.x_val = to_tensor(val_pixels, self.mean, self.std, self.device)
         self.y_val = np.asarray(val_labels)
+        self.val_groups = val_groups
         self._setup_mitigation(np.asarray(train_labels), train_groups)
         self.model = create_model(cfg.arch, num_classes=num_classes, dropout=cfg.dropout).to(self.device)
         self.cuda = self.device.type == "cuda"
@@ -147,6 +153,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.epoch, self.best_score, self.best_epoch, self.stale = 0, -math.inf, -1, 0
         self.best_state = copy.deepcopy(self.model.state_dict())
+        self.best_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
 
     def _setup_mitigation(self, labels: np.ndarray, groups: np.ndarray | None) -> None:
@@ -183,16 +190,43 @@ class Trainer:
             val = evaluate(self.model, self.x_val, self.y_val, self.num_classes, self.cfg.batch_size * 4,
                            self.cfg.label_smoothing)
             metrics.update({f"val_{k}": v for k, v in val.items() if k != "probs"})
+            if self.val_groups is not None:
+                metrics["val_gap"] = accuracy_gap(self.y_val, val["probs"].argmax(1), self.val_groups)
+        metrics.update(epoch=self.epoch, seconds=time.perf_counter() - start)
         score = metrics.get("val_macro_f1", float(self.epoch))
         if score > self.best_score:
             self.best_score, self.best_epoch, self.stale = score, self.epoch, 0
             self.best_state = copy.deepcopy(self.model.state_dict())
+            self.best_metrics = dict(metrics)
         else:
             self.stale += 1
-        metrics.update(epoch=self.epoch, seconds=time.perf_counter() - start)
         self.history.append(metrics)
         self.epoch += 1
         return metrics
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue training exactly where it stopped (tensors and numbers only)."""
+        return {
+            "model": self.model.state_dict(), "best_state": self.best_state,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "gen": self.gen.get_state(),
+            "q": getattr(self, "q", None), "epoch": self.epoch, "best_score": self.best_score,
+            "best_epoch": self.best_epoch, "stale": self.stale, "best_metrics": self.best_metrics,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.model.load_state_dict(state["model"])
+        self.best_state = state["best_state"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.gen.set_state(state["gen"])
+        if state["q"] is not None:
+            self.q = state["q"].to(self.device)
+        for key in ("epoch", "best_score", "best_epoch", "stale", "best_metrics", "history"):
+            setattr(self, key, state[key])
 
     def result(self) -> FitResult:
         """The model with the best validation weights restored."""

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke-test", action="store_true", help="tiny synthetic run, 2 folds, 2 epochs")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value may come before or after the options
 
 
 def resolve(args: argparse.Namespace) -> tuple[TrainConfig, SplitConfig, dict]:

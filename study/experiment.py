@@ -1,0 +1,124 @@
+"""Experiment configs for ``study.tune`` (and ``study.bias_sweep``): TOML -> frozen dataclasses.
+
+An experiment TOML has these tables (every key optional; see ``experiments/default.toml``)::
+
+    name = "default"                 # results/<name>/
+    [data]      path = "synthetic"   # or a canonical dataset folder; [data.synthetic] generator knobs
+    [split]     k = 3, split_seed = 0
+    [train]     fixed training keys (fer_core.config.TrainConfig), the base every trial starts from
+    [search]    num_samples, search_seed, scheduler ("asha" | "fifo"), grace_period, ...
+    [search.space]  name = [choices]  or  name = {low = .., high = .., log = true, int = false}
+    [resources] cpus_per_trial, gpus_per_trial (fractional; -1 = detect), address, dashboard, ...
+
+Search-space names are ``TrainConfig`` keys; ``arch`` is the scientific choice, the rest nuisance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fer_core.config import SplitConfig, TrainConfig, from_dict, load_toml, merge, parse_overrides
+
+logger = logging.getLogger(__name__)
+
+_UNKNOWN_HP = "{where}: search.space key {0!r} is not a training key; known: {1}"
+_BAD_RANGE = ("{where}: search.space.{0} must be a list of choices or a table "
+              "{{low = .., high = .., log = false, int = false}}, got {1!r}")
+OBJECTIVES = ("accuracy", "weighted", "pareto")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from: ``"synthetic"`` or a canonical dataset folder."""
+
+    path: str = "synthetic"
+    synthetic: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The Optuna searcher and the trial scheduler."""
+
+    num_samples: int = 8
+    search_seed: int = 0
+    scheduler: str = "asha"
+    grace_period: int = 2
+    reduction_factor: int = 2
+    max_concurrent: int = 0
+    n_startup_trials: int = 4
+    objective: str = "accuracy"
+    fairness_attr: str = "gender"
+    fairness_weight: float = 1.0
+    checkpoint_every: int = 1
+    max_failures: int = 2
+    refit: bool = True
+    space: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("asha", "fifo"):
+            raise ValueError(f"search.scheduler must be 'asha' or 'fifo', got {self.scheduler!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"search.objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "pareto" and self.scheduler == "asha":
+            raise ValueError("search.objective = 'pareto' (multi-objective) cannot use ASHA, which prunes on "
+                             "one metric; set search.scheduler = 'fifo' or objective = 'weighted'")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Per-trial resources and the Ray runtime to use."""
+
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = -1.0
+    address: str = ""
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    num_cpus: int = 0
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole study: data, folds, fixed training keys, search, resources."""
+
+    name: str = "default"
+    results_dir: str = "results"
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    search: SearchConfig = SearchConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    def __post_init__(self) -> None:
+        validate_space(self.search.space, self.name)
+
+
+def validate_space(space: dict[str, Any], where: str) -> None:
+    """Every searched name is a training key, with a list of choices or a numeric range."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, spec in space.items():
+        if name not in known:
+            raise KeyError(_UNKNOWN_HP.format(name, sorted(known), where=where))
+        is_range = isinstance(spec, dict) and {"low", "high"} <= set(spec) <= {"low", "high", "log", "int"}
+        if not (isinstance(spec, list) and spec) and not is_range:
+            raise ValueError(_BAD_RANGE.format(name, spec, where=where))
+
+
+def load_experiment(path: str | None, overrides: list[str] | None = None,
+                    extra: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Defaults < TOML file < ``extra`` (e.g. smoke-test settings) < command-line overrides."""
+    data = load_toml(path) if path else {}
+    if extra:
+        data = merge(data, extra)
+    if overrides:
+        data = merge(data, parse_overrides(overrides))
+    where = f"{path or 'defaults'}{' + command line' if overrides else ''}"
+    return from_dict(ExperimentConfig, data, where)
+
+
+def trial_train_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
+    """The base training config with one trial's searched values applied (validated)."""
+    return from_dict(TrainConfig, {**dataclasses.asdict(base), **params}, "trial")

@@ -1,0 +1,134 @@
+"""The Ray Tune trainable: one trial = one configuration trained on all k folds in lockstep.
+
+Why lockstep: ASHA prunes on one number per step. Training the k folds side by side, one epoch each per
+step, lets every report carry the k-fold mean validation macro-F1 of that epoch, so a trial is pruned on
+the same cross-validated signal it is finally scored by, and never on one lucky fold. The validation
+split of each fold is carved from that fold's training part; the test folds are touched once, after the
+last epoch, to score the trial (``cv_*`` metrics), and never feed training, early stopping, pruning or the
+choice of the best trial (which uses ``score``, the mean over folds of the best validation macro-F1).
+
+Every report also carries each fold's metrics as flat keys (``f0_val_macro_f1``, ...), from which the
+driver builds ``trials.parquet`` (one row per trial x fold x epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+
+from fer_core.crossval import score_fold, split_validation, train_groups
+from fer_core.data import FaceDataset
+from fer_core.fairness import group_gap
+from fer_core.splits import kfold_splits
+from fer_core.training import Trainer
+from study.experiment import ExperimentConfig, trial_train_config
+
+logger = logging.getLogger(__name__)
+
+FOLD_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_gap", "seconds")
+STATE_FILE = "trainers.pt"
+
+
+def make_trainers(exp: ExperimentConfig, ds: FaceDataset, params: dict[str, Any]
+                  ) -> tuple[list[Trainer], list[np.ndarray]]:
+    """One :class:`Trainer` per fold (validation carved from its training part) and each test fold."""
+    cfg = trial_train_config(exp.train, params)
+    ids = ds.manifest["image_id"].to_numpy()
+    trainers, tests = [], []
+    labels = ds.labels
+    attr = exp.search.fairness_attr
+    groups = ds.manifest[attr].to_numpy(dtype=object) if attr in ds.attributes else None
+    folds = kfold_splits(labels, ids, exp.split.k, exp.split.split_seed)
+    for fold, (train_idx, test_idx) in enumerate(folds):
+        fit_idx, val_idx = split_validation(ds, train_idx, cfg, seed=exp.split.split_seed * 1000 + fold)
+        trainers.append(Trainer(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
+                                len(ds.classes), train_groups(ds, fit_idx, cfg),
+                                None if groups is None else groups[val_idx]))
+        tests.append(test_idx)
+    return trainers, tests
+
+
+def step_report(trainers: list[Trainer]) -> dict[str, float]:
+    """Advance every unfinished fold one epoch; the k-fold means plus per-fold flat keys."""
+    report: dict[str, float] = {}
+    for fold, tr in enumerate(trainers):
+        metrics = tr.step() if not tr.done else tr.history[-1]
+        for key in FOLD_KEYS:
+            report[f"f{fold}_{key}"] = float(metrics.get(key, np.nan))
+        report[f"f{fold}_epoch"] = float(metrics["epoch"])
+        report[f"f{fold}_best_val_macro_f1"] = float(tr.best_score)
+    k = len(trainers)
+    for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_gap"):
+        report[key] = float(np.mean([report[f"f{f}_{key}"] for f in range(k)]))
+    # selection signal: each fold's best validation epoch (what early stopping keeps), averaged
+    report["score"] = float(np.mean([tr.best_score for tr in trainers]))
+    report["best_val_gap"] = float(np.mean([tr.best_metrics.get("val_gap", np.nan) for tr in trainers]))
+    return report
+
+
+def final_scores(exp: ExperimentConfig, ds: FaceDataset, trainers: list[Trainer],
+                 tests: list[np.ndarray]) -> dict[str, float]:
+    """Score each fold's best model once on its test fold: k-fold mean and std (``cv_*``)."""
+    runs = [score_fold(ds, test_idx, tr.result(), fold) for fold, (tr, test_idx) in
+            enumerate(zip(trainers, tests, strict=True))]
+    out: dict[str, float] = {}
+    for key in ("accuracy", "macro_f1"):
+        values = [r.metrics[key] for r in runs]
+        out[f"cv_{key}"], out[f"cv_{key}_std"] = float(np.mean(values)), float(np.std(values, ddof=1))
+    attr = exp.search.fairness_attr
+    if attr in ds.attributes:
+        gaps = [group_gap(r.predictions, attr) for r in runs]
+        out["cv_gap"] = float(np.nanmean(gaps))
+    return out
+
+
+def objective(exp: ExperimentConfig, report: dict[str, float]) -> float:
+    """The number ASHA and the searcher optimise (weighted mode subtracts the validation group gap)."""
+    if exp.search.objective == "weighted":
+        gap = report["best_val_gap"]
+        return report["score"] - exp.search.fairness_weight * (0.0 if np.isnan(gap) else gap)
+    return report["score"]
+
+
+def save_state(trainers: list[Trainer]) -> tune.Checkpoint:
+    """Checkpoint every fold's trainer (weights, optimizer, schedule, RNG) in one file."""
+    tmp = tempfile.mkdtemp(prefix="fer-ckpt-")
+    torch.save({"trainers": [tr.state_dict() for tr in trainers],
+                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, STATE_FILE))
+    return tune.Checkpoint.from_directory(tmp)
+
+
+def load_state(trainers: list[Trainer], checkpoint: tune.Checkpoint) -> None:
+    """Restore the trainers saved by :func:`save_state` (weights_only: tensors and numbers only)."""
+    with checkpoint.as_directory() as path:
+        state = torch.load(os.path.join(path, STATE_FILE), weights_only=True)
+    for tr, st in zip(trainers, state["trainers"], strict=True):
+        tr.load_state_dict(st)
+    torch.set_rng_state(state["torch_rng"])
+
+
+def run_trial(config: dict[str, Any], exp: ExperimentConfig, data: FaceDataset) -> None:
+    """Function trainable: ``config`` holds the searched hyperparameters of this trial."""
+    torch.set_num_threads(max(1, int(exp.resources.cpus_per_trial)))
+    trainers, tests = make_trainers(exp, data, config)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        load_state(trainers, checkpoint)
+    every = exp.search.checkpoint_every
+    while not all(tr.done for tr in trainers):
+        report = step_report(trainers)
+        report["objective"] = objective(exp, report)
+        finished = all(tr.done for tr in trainers)
+        if finished:
+            report.update(final_scores(exp, data, trainers, tests))
+        epoch = max(tr.epoch for tr in trainers)
+        ckpt = save_state(trainers) if every and (finished or epoch % every == 0) else None
+        report["node_id"] = ray.get_runtime_context().get_node_id()
+        tune.report(report, checkpoint=ckpt)

@@ -1,0 +1,161 @@
+"""study.tune: test folds kept out, outputs, two-node cluster, SIGKILL + resume, reproducibility."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fer_core.data import image_id
+from study import evaluate
+from study.experiment import load_experiment
+from study.results import best_trial
+from study.trainable import make_trainers
+from tests.helpers import bar_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+
+pytestmark = pytest.mark.ray
+
+
+def test_test_folds_never_reach_training_or_early_stopping():
+    ds = bar_dataset(48)
+    exp = load_experiment(None, ["split.k=3", "train.epochs=1", "train.batch_size=8"])
+    trainers, tests = make_trainers(exp, ds, {"arch": "main"})
+    assert len(trainers) == 3
+    for tr, test_idx in zip(trainers, tests, strict=True):
+        test_ids = set(ds.manifest["image_id"].iloc[test_idx])
+        pixels_seen = {image_id(p) for p in tr.x.mul(tr.std).add(tr.mean).mul(255).round()
+                       .clamp(0, 255).byte().squeeze(1).numpy()}
+        val_seen = {image_id(p) for p in tr.x_val.mul(tr.std).add(tr.mean).mul(255).round()
+                    .clamp(0, 255).byte().squeeze(1).numpy()}
+        assert not test_ids & pixels_seen
+        assert not test_ids & val_seen
+        assert len(pixels_seen) + len(val_seen) + len(test_ids) == len(ds)
+
+
+def test_best_trial_is_chosen_by_validation_not_by_test_folds():
+    summary = pd.DataFrame({
+        "trial_id": ["a", "b", "c"], "status": ["completed", "completed", "pruned"],
+        "objective": [0.9, 0.8, 0.95], "cv_macro_f1": [0.5, 0.99, np.nan]})
+    assert best_trial(summary)["trial_id"] == "a"
+
+
+def run_tune(args, results_dir):
+    from study import tune
+
+    return tune.main(["--smoke-test", f"results_dir={results_dir}", *args])
+
+
+def test_smoke_study_writes_tables_best_config_and_a_usable_model(tmp_path):
+    assert run_tune([], tmp_path) == 0
+    out = tmp_path / "smoke"
+    trials = pd.read_parquet(out / "trials.parquet")
+    expected = {"study", "trial_id", "arch", "fold", "epoch", "hp_arch", "hp_lr", "train_loss", "val_loss",
+                "val_accuracy", "val_macro_f1", "seconds", "status", "config_hash", "version"}
+    assert expected <= set(trials.columns)
+    assert not trials.duplicated(["trial_id", "fold", "epoch"]).any()
+    assert set(trials["fold"]) == {0, 1}
+    best = tomllib.loads((out / "best.toml").read_text())
+    summary = pd.read_parquet(out / "summary.parquet")
+    chosen = summary.loc[summary["trial_id"] == best["trial_id"]].iloc[0]
+    assert best["scores"]["cv_macro_f1"] == pytest.approx(chosen["cv_macro_f1"])
+    assert best["train"]["arch"] == chosen["arch"]
+    assert (out / "config.toml").is_file() and (out / "command.txt").is_file()
+    assert list((out / "tune").glob("*/events.out.tfevents.*")), "no TensorBoard logs"
+    # the refit model runs on data it has not seen
+    from fer_core.data import save_dataset
+    from fer_core.synthetic import make_dataset
+
+    unseen = save_dataset(make_dataset(n=40, seed=99), tmp_path / "unseen")
+    assert evaluate.main(["--model", str(out / "best" / "model.pt"), "--data", str(unseen),
+                          "--out", str(tmp_path / "ev")]) == 0
+    assert len(pd.read_parquet(tmp_path / "ev" / "predictions.parquet")) == 40
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        assert run_tune(["--address", cluster.address, "train.epochs=6", "search.num_samples=4",
+                         "search.scheduler=fifo"], tmp_path) == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    summary = pd.read_parquet(tmp_path / "smoke" / "summary.parquet")
+    assert len(summary) == 4
+    assert summary["node_id"].nunique() == 2, summary[["trial_id", "node_id"]]
+
+
+STUDY = """
+name = "killme"
+[data]
+path = "synthetic"
+[data.synthetic]
+n = 160
+[split]
+k = 2
+[train]
+epochs = 5
+batch_size = 16
+patience = 10
+[search]
+num_samples = 4
+n_startup_trials = 4
+scheduler = "fifo"
+refit = false
+[search.space]
+arch = ["main", "variant2"]
+lr = { low = 1e-3, high = 1e-2, log = true }
+[resources]
+dashboard = false
+"""
+
+
+def launch(args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "study.tune", *args], cwd=cwd, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def reported_epochs(study: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in study.glob("tune/*/result.json"))
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    config = tmp_path / "study.toml"
+    config.write_text(STUDY)
+    killed, fresh = tmp_path / "a", tmp_path / "b"
+    proc = launch(["--config", str(config), f"results_dir={killed}"], ROOT)
+    deadline = time.time() + 240
+    while reported_epochs(killed / "killme") < 6 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the study finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "killme" / "trials.parquet").exists()
+    time.sleep(2)
+    resumed = launch(["--resume", str(killed / "killme")], ROOT)
+    uninterrupted = launch(["--config", str(config), f"results_dir={fresh}"], ROOT)
+    assert resumed.wait(timeout=400) == 0
+    assert uninterrupted.wait(timeout=400) == 0
+    a = pd.read_parquet(killed / "killme" / "trials.parquet")
+    b = pd.read_parquet(fresh / "killme" / "trials.parquet")
+    for t in (a, b):
+        assert not t.duplicated(["trial_id", "fold", "epoch"]).any()
+        assert (t["status"] == "completed").all() and t["trial_id"].nunique() == 4
+    key = ["hp_arch", "hp_lr", "fold", "epoch"]
+    a, b = a.sort_values(key, ignore_index=True), b.sort_values(key, ignore_index=True)
+    pd.testing.assert_frame_equal(a[key], b[key])
+    for col in ("train_loss", "val_loss", "val_macro_f1"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-6, err_msg=col)
