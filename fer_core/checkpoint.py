@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from fer_core.models import create_model
 logger = logging.getLogger(__name__)
 
 FORMAT = "fer-bias-study/model-v1"
+_UNSAFE = ("{0}: refused to load: the file holds Python objects beyond tensors and plain values, which "
+           "torch.load(weights_only=True) does not run ({1}); it was not written by this tool")
 _NOT_A_MODEL = "{0}: not a fer-bias-study model file (format {1!r}); save one with study.kfold or study.tune"
 
 
@@ -60,7 +63,11 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, classes:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> SavedModel:
     """Load a model file with ``weights_only=True`` and rebuild its architecture."""
-    payload = torch.load(Path(path), map_location=device, weights_only=True)
+    try:
+        payload = torch.load(Path(path), map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(_UNSAFE.format(path, first)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         fmt = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(_NOT_A_MODEL.format(path, fmt))

@@ -1,0 +1,81 @@
+"""study.kfold and study.evaluate end to end on tiny data."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fer_core.data import save_dataset
+from study import evaluate, kfold
+from tests.helpers import bar_dataset
+
+
+@pytest.fixture(scope="module")
+def kfold_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kfold")
+    data = save_dataset(bar_dataset(60), out / "data")
+    assert kfold.main(["--data", str(data), "--arch", "main", "--out", str(out / "run"),
+                       "k=3", "epochs=2", "batch_size=16"]) == 0
+    return out
+
+
+def test_kfold_writes_folds_predictions_models_and_config(kfold_run):
+    run = kfold_run / "run"
+    folds = pd.read_parquet(run / "folds.parquet")
+    preds = pd.read_parquet(run / "predictions.parquet")
+    assert list(folds["fold"]) == [0, 1, 2]
+    assert {"accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "f1_Happy",
+            "confusion", "config_hash", "version"} <= set(folds.columns)
+    assert len(preds) == 60 and preds["image_id"].is_unique
+    assert sorted(p.name for p in (run / "models").iterdir()) == ["fold0.pt", "fold1.pt", "fold2.pt"]
+    assert "epochs = 2" in (run / "config.toml").read_text()
+
+
+def test_kfold_smoke_test_and_unknown_key(tmp_path, capsys):
+    assert kfold.main(["--smoke-test", "--out", str(tmp_path / "s")]) == 0
+    assert "2-fold cross-validation of main" in capsys.readouterr().out
+    with pytest.raises(KeyError, match="learning_rate"):
+        kfold.main(["--smoke-test", "--out", str(tmp_path / "t"), "learning_rate=0.1"])
+
+
+def test_evaluate_on_canonical_folder_single_image_and_image_folder(kfold_run, tmp_path):
+    model = str(kfold_run / "run" / "models" / "fold0.pt")
+    out = str(tmp_path / "a")
+    assert evaluate.main(["--model", model, "--data", str(kfold_run / "data"), "--out", out]) == 0
+    report = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    preds = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
+    assert report["metrics"]["accuracy"] == pytest.approx((preds["label"] == preds["y_pred"]).mean())
+
+    ds = bar_dataset(8, seed=5)
+    folder = tmp_path / "imgs"
+    for i, (px, label) in enumerate(zip(ds.pixels, ds.manifest["label"], strict=True)):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(px).save(folder / label / f"{i}.png")
+    (folder / "Happy" / "broken.png").write_bytes(b"not an image")
+    assert evaluate.main(["--model", model, "--data", str(folder), "--out", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert report["n_images"] == 8
+    assert [s["path"].endswith("broken.png") for s in report["skipped"]] == [True]
+    assert report["metrics"]["n_labelled"] == 8
+
+    one = folder / "Happy" / next(p.name for p in (folder / "Happy").iterdir() if p.name != "broken.png")
+    assert evaluate.main(["--model", model, "--data", str(one), "--out", str(tmp_path / "c")]) == 0
+    assert len(pd.read_parquet(tmp_path / "c" / "predictions.parquet")) == 1
+
+
+def test_evaluate_rejects_missing_data_and_non_model_files(kfold_run, tmp_path):
+    model = str(kfold_run / "run" / "models" / "fold0.pt")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        evaluate.main(["--model", model, "--data", str(tmp_path / "nope")])
+    bad = tmp_path / "bad.pt"
+    import torch
+
+    torch.save({"weights": np.zeros(3)}, bad)  # a numpy array needs pickled code to load
+    with pytest.raises(ValueError, match="bad.pt: refused to load"):
+        evaluate.main(["--model", str(bad), "--data", str(kfold_run / "data")])
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(ValueError, match="other.pt: not a fer-bias-study model file"):
+        evaluate.main(["--model", str(other), "--data", str(kfold_run / "data")])
