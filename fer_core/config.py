@@ -52,7 +52,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     dropout: float = 0.3
     aug_strength: float = 1.0
-    patience: int = 12
+    patience: int = 20
     val_fraction: float = 0.1
     seed: int = 0
     mitigation: str = "none"

@@ -281,12 +281,22 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """Softmax probabilities (N, C) for prepared inputs ``x`` (N, 1, H, W)."""
+def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256, flip_tta: bool = True
+                  ) -> np.ndarray:
+    """Softmax probabilities (N, C) for prepared inputs ``x`` (N, 1, H, W).
+
+    With ``flip_tta`` the probabilities of each image and its mirror image are averaged (faces are
+    symmetric enough that training already uses flips); used alike for validation, test and new data.
+    """
     model.eval()
     device = next(model.parameters()).device
-    out = [F.softmax(model(x[i:i + batch_size].to(device)).float(), dim=1).cpu()
-           for i in range(0, len(x), batch_size)]
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        probs = F.softmax(model(xb).float(), dim=1)
+        if flip_tta:
+            probs = (probs + F.softmax(model(xb.flip(-1)).float(), dim=1)) / 2
+        out.append(probs.cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.head[-1].out_features))
 
 
