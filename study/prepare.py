@@ -28,7 +28,8 @@ from pathlib import Path
 
 from fer_core.config import parse_overrides
 from fer_core.data import FaceDataset, save_dataset
-from fer_core.importer import DatasetError, DatasetSpec, folder_spec, import_dataset, load_spec
+from fer_core.dataset_spec import DatasetError, DatasetSpec, folder_spec, load_spec
+from fer_core.importer import import_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer_core import importer
+from fer_core import dataset_spec, importer
 from fer_core.data import image_id, load_dataset
 from study.prepare import main
 
@@ -305,10 +305,10 @@ def test_tree_files_matching_no_image_are_skipped(folder: Path, tmp_path: Path) 
 
 @pytest.mark.parametrize(("key", "reason"), [
     ("Happy/missing.png", importer.NO_FILE),
-    ("../outside.png", importer.ESCAPES),
-    ("Happy/../../outside.png", importer.ESCAPES),
-    ("/etc/passwd", importer.ABSOLUTE),
-    ("C:\\faces\\a.png", importer.ABSOLUTE),
+    ("../outside.png", dataset_spec.ESCAPES),
+    ("Happy/../../outside.png", dataset_spec.ESCAPES),
+    ("/etc/passwd", dataset_spec.ABSOLUTE),
+    ("C:\\faces\\a.png", dataset_spec.ABSOLUTE),
     ("attributes.csv", importer.NOT_IMPORTED),
     ("", importer.NO_KEY),
 ])
