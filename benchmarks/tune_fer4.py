@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="canonical fer4 folder")
     p.add_argument("--baseline", help="kfold_fer4.py --out folder holding main/folds.parquet")
     p.add_argument("--results", default="results", help="results_dir for the study")
+    p.add_argument("--top", type=int, default=3, help="confirm this many best trials with 5 folds")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -48,7 +49,7 @@ def main() -> None:
     tune.main(argv)
     exp = load_experiment(str(study / "config.toml"))
     summary = pd.read_parquet(study / "summary.parquet")
-    top = summary[summary["status"] == "completed"].sort_values("objective", ascending=False).head(3)
+    top = summary[summary["status"] == "completed"].sort_values("objective", ascending=False).head(args.top)
     data = load_dataset(args.data).base()
     rows = []
     for r in top.itertuples():
