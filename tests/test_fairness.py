@@ -1,0 +1,337 @@
+"""fer_core.fairness: group metrics checked against sklearn/fairlearn on subsets masked by hand, and the
+paired tests against scipy.stats run by hand on tables with a known planted gap."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
+from scipy import stats
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+
+from fer_core.fairness import (
+    FAIRNESS_COLUMNS,
+    PAIRED_COLUMNS,
+    RUN_KEYS,
+    accuracy_gap,
+    expand_attributes,
+    fairness_table,
+    gap_direction,
+    group_confusions,
+    group_gap,
+    group_labels,
+    paired_tests,
+    unit_intervals,
+    unit_metrics,
+)
+
+CLASSES = ["Focused", "Happy", "Neutral", "Surprised"]
+
+
+def _predictions(seed: int = 0, n: int = 240, folds: int = 3, seeds=(0,), runs=None) -> pd.DataFrame:
+    """Random predictions; Female rows less accurate; a few null / 'unknown' attributes."""
+    rng = np.random.default_rng(seed)
+    runs = runs or [("main", "none", 0.0, "none"), ("main", "representational", 0.5, "none")]
+    parts = []
+    for r, key in enumerate(runs):
+        for s in seeds:
+            y_true = np.asarray(CLASSES)[np.arange(n) % 4]
+            gender = np.where(np.arange(n) % 3 == 0, "Female", "Male").astype(object)
+            age = np.asarray(["Adult", "Senior", "Baby"])[(np.arange(n) // 2) % 3].astype(object)
+            gender[[5, 17, 40]] = None
+            gender[[8]] = "unknown"
+            age[[3, 17]] = None
+            acc = np.where(gender == "Female", 0.6 - 0.1 * r, 0.85)
+            wrong = np.asarray(CLASSES)[(np.arange(n) % 4 + rng.integers(1, 4, n)) % 4]
+            y_pred = np.where(rng.random(n) < acc, y_true, wrong)
+            parts.append(pd.DataFrame({
+                **dict(zip(RUN_KEYS, key, strict=True)), "fold": np.arange(n) % folds, "seed": s,
+                "image_id": [f"i{i}" for i in range(n)], "y_true": y_true, "y_pred": y_pred,
+                "gender": gender, "age": age, "config_hash": "abc"}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _group_masks(run: pd.DataFrame, attribute: str) -> dict[str, np.ndarray]:
+    """Masks built by hand (not through fer_core.fairness.group_labels)."""
+    def clean(col):
+        v = run[col].astype(object)
+        return v.where(v.notna() & (v != "unknown"), None)
+    if attribute == "gender x age":
+        g, a = clean("gender"), clean("age")
+        labels = (g.astype(str) + " x " + a.astype(str)).where(g.notna() & a.notna(), None)
+    else:
+        labels = clean(attribute)
+    return {v: (labels == v).to_numpy() for v in labels.dropna().unique()}
+
+
+@pytest.fixture(scope="module")
+def preds():
+    return _predictions()
+
+
+@pytest.fixture(scope="module")
+def table(preds):
+    return fairness_table(preds, ["gender", "age"], CLASSES, n_boot=20, seed=1)
+
+
+def _value(table, key, attribute, group, metric, col="value"):
+    rows = table[(table[RUN_KEYS].apply(tuple, axis=1) == key) & (table["attribute"] == attribute)
+                 & (table["group"] == group) & (table["metric"] == metric)]
+    assert len(rows) == 1, (key, attribute, group, metric, len(rows))
+    return rows.iloc[0][col]
+
+
+def test_schema_and_attributes(table):
+    assert list(table.columns[:len(FAIRNESS_COLUMNS)]) == FAIRNESS_COLUMNS
+    assert set(table["attribute"]) == {"gender", "age", "gender x age"}
+    assert (table["config_hash"] == "abc").all() and "version" in table
+    assert expand_attributes(["gender", "age"], intersections=False) == ["gender", "age"]
+
+
+@pytest.mark.parametrize("attribute", ["gender", "age", "gender x age"])
+def test_group_metrics_match_sklearn_on_masked_subsets(preds, table, attribute):
+    for key, run in preds.groupby(RUN_KEYS):
+        for group, mask in _group_masks(run, attribute).items():
+            yt, yp = run["y_true"].to_numpy()[mask], run["y_pred"].to_numpy()[mask]
+            assert _value(table, key, attribute, group, "count") == mask.sum()
+            assert _value(table, key, attribute, group, "accuracy", "n") == mask.sum()
+            assert _value(table, key, attribute, group, "accuracy") == pytest.approx(accuracy_score(yt, yp))
+            assert _value(table, key, attribute, group, "macro_f1") == pytest.approx(
+                f1_score(yt, yp, average="macro", zero_division=0))
+            for c in CLASSES:
+                assert _value(table, key, attribute, group, f"recall_{c}") == pytest.approx(
+                    recall_score(yt == c, yp == c, zero_division=np.nan), nan_ok=True)  # NaN: class absent
+                assert _value(table, key, attribute, group, f"selection_rate_{c}") == pytest.approx(
+                    np.mean(yp == c))
+
+
+@pytest.mark.parametrize("attribute", ["gender", "age", "gender x age"])
+def test_difference_ratio_and_overall_by_hand(preds, table, attribute):
+    for key, run in preds.groupby(RUN_KEYS):
+        masks = _group_masks(run, attribute)
+        known = np.any(list(masks.values()), axis=0)
+        yt, yp = run["y_true"].to_numpy(), run["y_pred"].to_numpy()
+        accs = [accuracy_score(yt[m], yp[m]) for m in masks.values()]
+        f1s = [f1_score(yt[m], yp[m], average="macro", zero_division=0) for m in masks.values()]
+        assert _value(table, key, attribute, "difference", "accuracy") == pytest.approx(max(accs) - min(accs))
+        assert _value(table, key, attribute, "ratio", "accuracy") == pytest.approx(min(accs) / max(accs))
+        assert _value(table, key, attribute, "difference", "macro_f1") == pytest.approx(max(f1s) - min(f1s))
+        assert _value(table, key, attribute, "overall", "accuracy") == pytest.approx(
+            accuracy_score(yt[known], yp[known]))
+        assert _value(table, key, attribute, "difference", "accuracy", "n") == known.sum()
+        recalls = [recall_score(yt[m] == "Happy", yp[m] == "Happy", zero_division=np.nan)
+                   for m in masks.values()]
+        assert _value(table, key, attribute, "difference", "recall_Happy") == pytest.approx(
+            np.nanmax(recalls) - np.nanmin(recalls))
+
+
+@pytest.mark.parametrize("attribute", ["gender", "age"])
+def test_one_vs_rest_equalized_odds_and_parity_against_fairlearn_loop(preds, table, attribute):
+    for key, run in preds.groupby(RUN_KEYS):
+        labels = run[attribute].astype(object)
+        known = (labels.notna() & (labels != "unknown")).to_numpy()
+        yt, yp, g = run["y_true"].to_numpy()[known], run["y_pred"].to_numpy()[known], labels[known].to_numpy()
+        binary = [((yt == c).astype(int), (yp == c).astype(int)) for c in CLASSES]
+        eo = [equalized_odds_difference(t, p, sensitive_features=g) for t, p in binary]
+        dp = [demographic_parity_difference(t, p, sensitive_features=g) for t, p in binary]
+        assert _value(table, key, attribute, "difference", "eq_odds_diff_ovr") == pytest.approx(max(eo))
+        assert _value(table, key, attribute, "difference", "dem_parity_diff_ovr") == pytest.approx(max(dp))
+
+
+def test_bootstrap_intervals_bracket_point_estimates(table):
+    head = table[table["metric"].isin(["accuracy", "macro_f1"]) & (table["group"] != "difference")
+                 & (table["group"] != "ratio")]
+    assert head[["ci_low", "ci_high"]].notna().all().all()
+    assert (head["ci_low"] <= head["value"] + 1e-12).all()
+    assert (head["value"] <= head["ci_high"] + 1e-12).all()
+    diff = table[(table["group"] == "difference") & (table["metric"] == "accuracy")]
+    assert diff[["ci_low", "ci_high"]].notna().all().all() and (diff["ci_low"] <= diff["ci_high"]).all()
+    rest = table[~table["metric"].isin(["accuracy", "macro_f1"])]
+    assert rest[["ci_low", "ci_high"]].isna().all().all()  # point values only (documented)
+
+
+def test_no_bootstrap_gives_nan_intervals(preds):
+    table = fairness_table(preds, ["gender"], CLASSES, n_boot=0, intersections=False)
+    assert table[["ci_low", "ci_high"]].isna().all().all()
+
+
+def test_null_attributes_are_counted_not_silently_dropped(preds, table, caplog):
+    for key, run in preds.groupby(RUN_KEYS):
+        for attribute, col in (("gender", run["gender"]), ("age", run["age"])):
+            unknown = int((col.isna() | (col == "unknown")).sum())
+            assert _value(table, key, attribute, "unknown", "count") == unknown
+            counts = table[(table[RUN_KEYS].apply(tuple, axis=1) == key) & (table["attribute"] == attribute)
+                           & (table["metric"] == "count")]
+            assert counts["n"].sum() == len(run)  # every row in exactly one group or 'unknown'
+    with caplog.at_level(logging.INFO, logger="fer_core.fairness"):
+        fairness_table(preds, ["gender"], CLASSES, n_boot=0, intersections=False)
+    assert "gender: 8 rows without a value" in caplog.text
+
+
+def test_intersection_labels_are_null_when_either_part_is():
+    frame = pd.DataFrame({"gender": ["Female", None, "Male", "unknown"],
+                          "age": ["Adult", "Adult", None, "Baby"]})
+    assert group_labels(frame, "gender x age").tolist() == ["Female x Adult", None, None, None]
+
+
+def test_single_group_has_no_between_group_rows(preds):
+    one = preds[preds["gender"] == "Male"]
+    table = fairness_table(one, ["gender"], CLASSES, n_boot=0, intersections=False)
+    assert set(table["group"]) == {"Male", "overall"}
+
+
+def test_unknown_labels_and_missing_columns_fail_fast(preds):
+    with pytest.raises(ValueError, match="not among the classes"):
+        fairness_table(preds, ["gender"], CLASSES[:3], n_boot=0)
+    with pytest.raises(KeyError, match="ethnicity"):
+        fairness_table(preds, ["ethnicity"], CLASSES, n_boot=0)
+
+
+def test_group_confusions_match_sklearn(preds):
+    run = preds[preds["bias_kind"] == "none"]
+    got = group_confusions(run, "age", CLASSES)
+    for group, mask in _group_masks(run, "age").items():
+        np.testing.assert_array_equal(got[group], confusion_matrix(run["y_true"][mask], run["y_pred"][mask],
+                                                                   labels=CLASSES))
+
+
+def test_accuracy_gap_and_group_gap_keep_working(preds):
+    run = preds[preds["bias_kind"] == "none"]
+    masks = _group_masks(run, "gender")
+    accs = [accuracy_score(run["y_true"][m], run["y_pred"][m]) for m in masks.values()]
+    assert group_gap(run, "gender") == pytest.approx(max(accs) - min(accs))
+    assert np.isnan(accuracy_gap(np.array([0, 1]), np.array([0, 1]), np.array(["A", None], dtype=object)))
+
+
+# ---- paired tests ----
+
+def _planted(effect: float, units: int = 6, n: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Level 0 and level 0.5 over ``units`` folds; at 0.5, ``effect`` of the Female predictions that were
+    right are flipped wrong (effect=0: the same error process, fresh noise)."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for kind, level in (("none", 0.0), ("representational", 0.5)):
+        for fold in range(units):
+            y_true = np.asarray(CLASSES)[rng.integers(0, 4, n)]
+            gender = np.where(np.arange(n) % 2 == 0, "Female", "Male")
+            right = rng.random(n) < 0.85
+            if level:
+                right &= ~((gender == "Female") & (rng.random(n) < effect))
+            wrong = np.asarray(CLASSES)[(pd.Categorical(y_true, CLASSES).codes + 1) % 4]
+            parts.append(pd.DataFrame({"arch": "main", "bias_kind": kind, "bias_level": level,
+                                       "mitigation": "none", "fold": fold, "seed": 0, "y_true": y_true,
+                                       "y_pred": np.where(right, y_true, wrong), "gender": gender}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _gaps_by_hand(frame: pd.DataFrame, level: float) -> np.ndarray:
+    rows = frame[frame["bias_level"] == level]
+    ok = rows["y_true"] == rows["y_pred"]
+    acc = ok.groupby([rows["fold"], rows["gender"]]).mean().unstack()
+    return (acc["Male"] - acc["Female"]).to_numpy()
+
+
+def _row(paired, metric, attribute):
+    rows = paired[(paired["metric"] == metric) & (paired["attribute"] == attribute)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_planted_gap_is_found_and_matches_scipy_by_hand():
+    frame = _planted(effect=0.3)
+    paired = paired_tests(frame, ["gender"])
+    assert list(paired.columns[:len(PAIRED_COLUMNS)]) == PAIRED_COLUMNS
+    row = _row(paired, "accuracy_gap", "gender")
+    run, ref = _gaps_by_hand(frame, 0.5), _gaps_by_hand(frame, 0.0)
+    diff = run - ref
+    res = stats.ttest_rel(run, ref)
+    ci = res.confidence_interval(0.95)
+    assert row["direction"] == "(Male - Female) run - reference"
+    assert row["comparison"] == "bias" and "bias_kind=none bias_level=0 mitigation=none" in row["reference"]
+    assert row["n_pairs"] == 6 and row["test"] == "ttest_rel+wilcoxon"
+    assert row["mean_diff"] == pytest.approx(diff.mean())
+    assert row["mean_diff"] == pytest.approx(0.85 * 0.3 / 1, abs=0.06)  # Female accuracy drops ~0.25
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert row["p_value"] == pytest.approx(res.pvalue)
+    assert row["p_wilcoxon"] == pytest.approx(stats.wilcoxon(diff, method="exact").pvalue)
+    assert row["effect_size"] == pytest.approx(diff.mean() / diff.std(ddof=1))
+    assert row["ci_low"] > 0
+    acc = _row(paired, "accuracy", "all")
+    assert acc["mean_diff"] < 0 and acc["direction"] == "run - reference"
+
+
+def test_no_planted_gap_gives_an_interval_that_includes_zero():
+    paired = paired_tests(_planted(effect=0.0, seed=3), ["gender"])
+    row = _row(paired, "accuracy_gap", "gender")
+    assert row["ci_low"] < 0 < row["ci_high"] and row["p_value"] > 0.05
+
+
+def test_few_pairs_use_ttest_only():
+    row = _row(paired_tests(_planted(effect=0.3, units=3), ["gender"]), "accuracy_gap", "gender")
+    assert row["n_pairs"] == 3 and row["test"] == "ttest_rel" and np.isnan(row["p_wilcoxon"])
+
+
+def test_identical_runs_give_zero_variance_explicitly_without_warnings():
+    frame = _planted(effect=0.0)
+    base = frame[frame["bias_level"] == 0.0]
+    frame = pd.concat([base, base.assign(bias_kind="representational", bias_level=0.5)], ignore_index=True)
+    paired = paired_tests(frame, ["gender"])  # filterwarnings=error: any scipy warning fails the test
+    assert (paired["mean_diff"] == 0).all() and (paired["p_value"] == 1).all()
+    assert (paired["p_wilcoxon"] == 1).all() and paired["test"].str.contains("zero variance").all()
+
+
+def test_mitigation_comparisons_and_missing_references(caplog):
+    frame = _planted(effect=0.3)
+    mitigated = frame.assign(mitigation="reweight")
+    orphan = frame[frame["bias_level"] == 0.5].assign(arch="variant1")  # has no level-0 reference
+    paired = paired_tests(pd.concat([frame, mitigated, orphan], ignore_index=True), ["gender"])
+    both = paired[(paired["mitigation"] == "reweight") & (paired["bias_level"] == 0.5)]
+    assert set(both["comparison"]) == {"bias", "mitigation"}
+    mit = both[(both["comparison"] == "mitigation") & (both["metric"] == "accuracy")].iloc[0]
+    assert mit["reference"] == "arch=main bias_kind=representational bias_level=0.5 mitigation=none"
+    assert mit["mean_diff"] == 0  # identical predictions
+    assert "variant1" not in set(paired["arch"])
+    assert "no reference run group" in caplog.text
+
+
+def test_gap_direction_conventions():
+    two = pd.Series(["Male", "Female", None], dtype=object)
+    assert gap_direction(two)[0] == "Male - Female"
+    assert gap_direction(two, "Male")[0] == "Female - Male"
+    many = pd.Series(["Adult", "Senior", "Baby"], dtype=object)
+    assert gap_direction(many)[0] == "max - min"
+    direction, sensitive, _ = gap_direction(many, "Senior")
+    assert direction == "rest - Senior" and sensitive.tolist() == ["rest", "Senior", "rest"]
+    with pytest.raises(ValueError, match="not among the groups"):
+        gap_direction(many, "Teen")
+
+
+def test_unit_metrics_and_intervals_by_hand():
+    frame = _planted(effect=0.3)
+    units = unit_metrics(frame, ["gender"], classes=CLASSES)
+    gap = units[(units["metric"] == "accuracy_gap") & (units["bias_level"] == 0.5)].sort_values("fold")
+    np.testing.assert_allclose(gap["value"], _gaps_by_hand(frame, 0.5))
+    acc = units[(units["metric"] == "accuracy") & (units["bias_level"] == 0.0)].sort_values("fold")
+    rows = frame[frame["bias_level"] == 0.0]
+    np.testing.assert_allclose(acc["value"], (rows["y_true"] == rows["y_pred"]).groupby(rows["fold"]).mean())
+    intervals = unit_intervals(frame, ["gender"])
+    row = intervals[(intervals["metric"] == "accuracy_gap") & (intervals["bias_level"] == 0.5)].iloc[0]
+    res = stats.ttest_1samp(_gaps_by_hand(frame, 0.5), 0.0)
+    assert row["p_value"] == pytest.approx(res.pvalue) and row["n_units"] == 6
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(res.confidence_interval(0.95)))
+
+
+def test_unit_metrics_do_not_depend_on_row_order():
+    frame = pd.concat([_planted(effect=0.3), _planted(effect=0.3, seed=1).assign(mitigation="groupdro")])
+    shuffled = frame.sample(frac=1, random_state=0)
+    keys = [*RUN_KEYS, "fold", "seed", "attribute", "metric"]
+    a = unit_metrics(frame, ["gender"]).sort_values(keys).reset_index(drop=True)
+    b = unit_metrics(shuffled, ["gender"]).sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    rows = frame[(frame["mitigation"] == "groupdro") & (frame["bias_level"] == 0.5)]
+    by_hand = (rows["y_true"] == rows["y_pred"]).groupby(rows["fold"]).mean().to_numpy()
+    got = b[(b["mitigation"] == "groupdro") & (b["bias_level"] == 0.5) & (b["metric"] == "accuracy")]
+    np.testing.assert_allclose(got.sort_values("fold")["value"], by_hand)

@@ -1,0 +1,128 @@
+"""study.report: the report is written from the tables alone, every plot is a real PNG, and report.md
+carries the numbers of fairness.parquet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fer_core.fairness import RUN_KEYS, fairness_table
+from study.common import write_table
+from study.report import fmt_ci, main, pareto_front, read_composition
+
+CLASSES = ["Focused", "Happy", "Neutral", "Surprised"]
+PNGS = ["composition.png", "accuracy_vs_level_representational.png", "gap_vs_level_representational.png",
+        "confusion_gender.png", "confusion_age.png", "pareto.png"]
+
+
+def _handmade(n: int = 60, folds: int = 3) -> pd.DataFrame:
+    """2 archs x (level 0, representational 0.5) x (none, reweight) x 3 folds; Female errors at 0.5."""
+    rng = np.random.default_rng(7)
+    y_true = np.asarray(CLASSES)[np.arange(n) % 4]
+    gender = np.where((np.arange(n) // 4) % 2 == 0, "Female", "Male").astype(object)
+    age = np.asarray(["Adult", "Senior", "Baby"])[np.arange(n) % 3].astype(object)
+    age[[4, 9]] = None
+    parts = []
+    for arch in ("main", "variant1"):
+        for kind, level in (("none", 0.0), ("representational", 0.5)):
+            for mitigation in ("none", "reweight"):
+                drop = level * (0.5 if mitigation == "reweight" else 1.0)
+                p = np.where(gender == "Female", 0.85 - drop, 0.85)
+                wrong = np.asarray(CLASSES)[(np.arange(n) % 4 + 1) % 4]
+                parts.append(pd.DataFrame({
+                    "run_id": f"{arch}-{kind}-{mitigation}", "arch": arch, "bias_kind": kind,
+                    "bias_level": level, "mitigation": mitigation, "fold": np.arange(n) % folds, "seed": 0,
+                    "image_id": [f"img{i}" for i in range(n)], "y_true": y_true,
+                    "y_pred": np.where(rng.random(n) < p, y_true, wrong),
+                    **{f"p_{c}": np.full(n, 0.25, dtype=np.float32) for c in CLASSES},
+                    "gender": gender, "age": age, "config_hash": "h", "version": "0"}))
+    return pd.concat(parts, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    preds = _handmade()
+    write_table(preds, root / "predictions.parquet")
+    write_table(fairness_table(preds, ["gender", "age"], CLASSES, n_boot=5), root / "fairness.parquet")
+    return root
+
+
+def _check_pngs(out, names):
+    for name in names:
+        with Image.open(out / name) as img:
+            assert img.format == "PNG", name
+            assert img.size[0] > 300 and img.size[1] > 200, (name, img.size)
+            img.load()  # decodes fully: a truncated file fails here
+
+
+def test_report_from_tables_alone(results, tmp_path):
+    out = tmp_path / "report"
+    assert main([str(results), "--out", str(out)]) == 0
+    _check_pngs(out, PNGS)
+    text = (out / "report.md").read_text()
+    for heading in ("## Data composition", "## Accuracy at level 0", "## Group gaps at level 0",
+                    "## How gaps change with bias", "## Mitigation effects", "## Findings", "## Caveats"):
+        assert heading in text
+    fair = pd.read_parquet(results / "fairness.parquet")
+    for arch in ("main", "variant1"):
+        row = fair[(fair["arch"] == arch) & (fair["bias_kind"] == "none") & (fair["mitigation"] == "none")
+                   & (fair["attribute"] == "gender") & (fair["group"] == "difference")
+                   & (fair["metric"] == "accuracy")].iloc[0]
+        assert fmt_ci(row["value"], row["ci_low"], row["ci_high"]) in text  # the level-0 gender gap
+        female = fair[(fair[RUN_KEYS].apply(tuple, axis=1) == (arch, "none", 0.0, "none"))
+                      & (fair["attribute"] == "gender") & (fair["group"] == "Female")
+                      & (fair["metric"] == "accuracy")].iloc[0]
+        assert fmt_ci(female["value"], female["ci_low"], female["ci_high"]) in text
+    assert "Male - Female" in text
+    assert "| Focused | 8 | 7 | 15 |" in text  # composition of the distinct test images: Female, Male, total
+    assert not (out / "fairness.parquet").exists()  # read, not recomputed
+
+
+def test_missing_fairness_and_paired_tables_are_computed_and_saved(tmp_path):
+    results = tmp_path / "res"
+    results.mkdir()
+    write_table(_handmade(), results / "predictions.parquet")
+    assert main([str(results), "n_boot=5", "focus.gender=Female", 'attributes=["gender"]']) == 0
+    assert (results / "report.md").is_file() and (results / "fairness.parquet").is_file()
+    paired = pd.read_parquet(results / "paired.parquet")
+    gaps = paired[(paired["metric"] == "accuracy_gap") & (paired["attribute"] == "gender")]
+    assert set(gaps["direction"]) == {"(Male - Female) run - reference"}
+    planted = gaps[(gaps["comparison"] == "bias") & (gaps["mitigation"] == "none")]
+    assert (planted["mean_diff"] > 0.2).all()  # Female accuracy drops by 0.5 at level 0.5
+
+
+def test_composition_from_the_manifest_named_in_config(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.DataFrame({"image_id": ["a", "b", "c", "d"], "label": ["Happy", "Happy", "Focused", "Happy"],
+                  "subset": ["base", "base", "base", "extra"], "gender": ["Female", None, "Male", "Female"]}
+                 ).to_parquet(data / "manifest.parquet")
+    results = tmp_path / "res"
+    results.mkdir()
+    (results / "config.toml").write_text(f'[data]\npath = "{data}"\n')
+    comp = read_composition(results, _handmade(), ["gender"])
+    got = {(r.label, r.group): r.n for r in comp.itertuples()}
+    assert got == {("Focused", "Male"): 1, ("Happy", "Female"): 1, ("Happy", "unknown"): 1}
+
+
+def test_pareto_front_by_hand():
+    points = pd.DataFrame({"accuracy": [0.9, 0.8, 0.85, 0.7, 0.9], "gap": [0.2, 0.05, 0.1, 0.3, 0.25]})
+    front = pareto_front(points)
+    assert front.index.tolist() == [1, 2, 0]  # by increasing gap; 3 and 4 are dominated
+
+
+def test_smoke_test(tmp_path):
+    assert main(["--smoke-test", "--out", str(tmp_path)]) == 0
+    _check_pngs(tmp_path, PNGS)
+    assert "## Findings" in (tmp_path / "report.md").read_text()
+    fair = pd.read_parquet(tmp_path / "fairness.parquet")  # computed from the simulated predictions
+    assert set(fair["attribute"]) == {"gender", "age", "gender x age"}
+    assert (tmp_path / "paired.parquet").is_file()
+
+
+def test_missing_predictions_say_what_to_do(tmp_path):
+    with pytest.raises(SystemExit, match="no predictions.parquet"):
+        main([str(tmp_path)])
