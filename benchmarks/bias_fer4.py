@@ -1,0 +1,210 @@
+"""The bias sweep on fer4, then its report and headline numbers, with intervals.
+
+Runs ``study.bias_sweep`` with ``experiments/bias_fer4.toml`` (three architectures, representational and
+stereotypical levels of women's training images, all four mitigations, 5 folds), then ``study.report``,
+and prints: the gender and age gaps at level 0; how each bias kind and level changes them; how much each
+mitigation closes the gender gap and what it costs in macro-F1; and whether the target holds (the best
+mitigation halves the unmitigated gender gap while losing at most 1 point of macro-F1).
+
+The full sweep is hundreds of runs: hours on 2 CPU cores (the script prints its own estimate first).
+``--quick`` runs one architecture, fewer levels, 3 folds and 15 epochs. The sweep resumes: run the same
+command again after a stop. Signed gaps are accuracy of the other groups minus the focus group's
+(``Male - Female``; ``rest - Senior`` for age), so positive means the focus group is recognised less well.
+
+Run (from the repository root)::
+
+    python benchmarks/bias_fer4.py [--quick] [--max-runs N] [--data data/fer4] [key=value ...]
+
+``--data`` defaults to ``data/fer4``; when that folder does not exist it is imported from
+``experiments/datasets/fer4.toml`` first. ``key=value`` arguments go to the sweep (e.g.
+``resources.cpus_per_trial=2`` or ``sweep.tuned=results/default``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fer_core.config import TrainConfig
+from fer_core.training import Trainer
+from study import bias_sweep, prepare, report
+from study.sweep_config import load_sweep, run_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "experiments" / "bias_fer4.toml"
+SPEC = ROOT / "experiments" / "datasets" / "fer4.toml"
+QUICK = ["name=bias-fer4-quick", "split.k=3", "train.epochs=15", "train.patience=6",
+         "sweep.archs=['main']", "sweep.levels.representational=[0.5, 1.0]",
+         "sweep.levels.stereotypical=[1.0]", "sweep.n_boot=100"]
+TARGET_GAP_FRACTION, TARGET_F1_LOSS = 0.5, 0.01
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--quick", action="store_true", help="1 architecture, fewer levels, 3 folds, 15 epochs")
+    p.add_argument("--max-runs", type=int, default=0, help="train at most N new runs (0 = all)")
+    p.add_argument("--data", default="data/fer4", help="canonical fer4 folder (imported when missing)")
+    p.add_argument("--address", default="", help="Ray cluster: 'auto' or 'ray://HOST:PORT'")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def ensure_data(path: Path) -> None:
+    """Import fer4 into ``path`` unless a canonical dataset is already there."""
+    if (path / "manifest.parquet").is_file():
+        return
+    print(f"importing fer4 into {path} ...", flush=True)
+    if prepare.main([str(SPEC), "--out", str(path)]) != 0:
+        raise SystemExit(f"could not import fer4 from {SPEC}; see the messages above")
+
+
+def seconds_per_image_epoch(arch: str, size: int, threads: int) -> float:
+    """Measured training cost of one image for one epoch (a few batches, after a warm-up one)."""
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (256, size, size), dtype=np.uint8), rng.integers(0, 4, 256)
+    tr = Trainer(TrainConfig(arch=arch, batch_size=64, epochs=3), x, y, x[:64], y[:64], 4)
+    tr.step()
+    start = time.perf_counter()
+    tr.step()
+    return (time.perf_counter() - start) / (256 + 64 * 0.3)  # validation costs ~1/3 of training
+
+
+def estimate(overrides: list[str]) -> None:
+    """Print the grid size and a runtime estimate from a measured per-image cost (no early stopping)."""
+    exp = load_sweep(str(CONFIG), overrides)
+    ds = bias_sweep.load_data(exp.data.path, exp.data.synthetic)
+    grid = run_grid(exp, {a: TrainConfig(arch=a, epochs=exp.train.epochs) for a in exp.sweep.archs})
+    threads = max(1, int(exp.resources.cpus_per_trial))
+    cost = {a: seconds_per_image_epoch(a, ds.image_size[0], threads) for a in exp.sweep.archs}
+    n_train = len(ds.base()) * (exp.split.k - 1) / exp.split.k
+    total = sum(cost[r.arch] * n_train * r.cfg.epochs for r in grid)
+    slots = max(1, int(len(os.sched_getaffinity(0)) / max(exp.resources.cpus_per_trial, 1)))
+    print(f"{len(grid)} runs ({len(exp.sweep.archs)} archs x {len(exp.sweep.conditions())} conditions x "
+          f"{len(exp.sweep.mitigations)} mitigations x {exp.split.k} folds x {len(exp.sweep.seeds)} seeds); "
+          f"measured {', '.join(f'{a} {1e3 * c:.1f} ms' for a, c in cost.items())} per image-epoch; "
+          f"estimated at most {total / slots / 3600:.1f} h on {slots} parallel runs of this machine "
+          "(early stopping and smaller biased training sets make it shorter)", flush=True)
+
+
+def fmt(row: pd.Series, scale: float = 100.0) -> str:
+    """``+3.1 [+0.4, +5.8]`` (points)."""
+    return f"{scale * row['mean_diff']:+.1f} [{scale * row['ci_low']:+.1f}, {scale * row['ci_high']:+.1f}]"
+
+
+def level0_gaps(out: Path, attrs: list[str]) -> None:
+    """Signed gaps at level 0 without mitigation (fold t-interval) and the pooled bootstrap difference."""
+    from fer_core.fairness import unit_intervals
+
+    preds = pd.read_parquet(out / "predictions.parquet")
+    base = preds[(preds["bias_kind"] == "none") & (preds["mitigation"] == "none")]
+    units = unit_intervals(base, attrs, focus={"gender": "Female", "age": "Senior"})
+    fair = pd.read_parquet(out / "fairness.parquet")
+    print("\n== gaps at level 0, no mitigation (accuracy points; 95% intervals) ==")
+    for _, u in units[units["metric"] == "accuracy_gap"].iterrows():
+        pooled = fair[(fair["arch"] == u["arch"]) & (fair["bias_kind"] == "none")
+                      & (fair["mitigation"] == "none") & (fair["attribute"] == u["attribute"])
+                      & (fair["group"] == "difference") & (fair["metric"] == "accuracy")]
+        extra = ""
+        if len(pooled):
+            p = pooled.iloc[0]
+            extra = (f"; pooled max-min {100 * p['value']:.1f} "
+                     f"[{100 * p['ci_low']:.1f}, {100 * p['ci_high']:.1f}] (bootstrap)")
+        print(f"{u['arch']:9s} {u['attribute']:6s} ({u['direction']}): {100 * u['mean']:+.1f} "
+              f"[{100 * u['ci_low']:+.1f}, {100 * u['ci_high']:+.1f}] over {u['n_units']} folds{extra}")
+
+
+def bias_effects(paired: pd.DataFrame) -> None:
+    """Change of each gap and of macro-F1 with each bias kind and level (no mitigation) vs level 0."""
+    rows = paired[(paired["comparison"] == "bias") & (paired["mitigation"] == "none")]
+    print("\n== change vs level 0 (no mitigation), points, paired over folds ==")
+    for (arch, kind, level), g in rows.groupby(["arch", "bias_kind", "bias_level"], sort=True):
+        cells = [f"{r['attribute'] if r['metric'] == 'accuracy_gap' else r['metric']} {fmt(r)}"
+                 for _, r in g.iterrows() if r["metric"] in ("accuracy_gap", "macro_f1")]
+        print(f"{arch:9s} {kind:16s} {level:<5g} " + "; ".join(cells))
+
+
+def mitigation_effects(paired: pd.DataFrame, units: pd.DataFrame) -> list[dict]:
+    """Gender-gap reduction and macro-F1 cost of every mitigation at every condition; prints them."""
+    rows = paired[paired["comparison"] == "mitigation"]
+    gap = units[(units["metric"] == "accuracy_gap") & (units["attribute"] == "gender")
+                & (units["mitigation"] == "none")].set_index(["arch", "bias_kind", "bias_level"])["mean"]
+    print("\n== mitigations vs none at the same condition (gender gap, macro-F1; points) ==")
+    found = []
+    for (arch, kind, level, mitigation), g in rows.groupby(
+            ["arch", "bias_kind", "bias_level", "mitigation"], sort=True):
+        g = g.set_index(["attribute", "metric"])
+        if ("gender", "accuracy_gap") not in g.index or ("all", "macro_f1") not in g.index:
+            continue
+        d_gap, d_f1 = g.loc[("gender", "accuracy_gap")], g.loc[("all", "macro_f1")]
+        before = gap.get((arch, kind, level), np.nan)
+        closed = -d_gap["mean_diff"] / before if before and abs(before) > 1e-9 else np.nan
+        found.append({"arch": arch, "kind": kind, "level": level, "mitigation": mitigation,
+                      "gap_before": before, "closed": closed, "f1_change": d_f1["mean_diff"]})
+        print(f"{arch:9s} {kind:16s} {level:<5g} {mitigation:9s} gap change {fmt(d_gap)} of "
+              f"{100 * before:+.1f} ({100 * closed:.0f}% closed); macro-F1 {fmt(d_f1)}")
+    return found
+
+
+def target_verdict(found: list[dict]) -> None:
+    """Per condition: does the best mitigation halve the gender gap at <= 1 point of macro-F1."""
+    print("\n== target: best mitigation halves the gender gap, macro-F1 loss <= 1 point ==")
+    frame = pd.DataFrame(found)
+    if frame.empty:
+        print("no mitigation comparisons (too few runs)")
+        return
+    for (arch, kind, level), g in frame.groupby(["arch", "kind", "level"], sort=True):
+        ok = g[(g["closed"] >= TARGET_GAP_FRACTION) & (g["f1_change"] >= -TARGET_F1_LOSS)]
+        best = g.sort_values("closed", ascending=False).iloc[0]
+        verdict = (f"MET by {', '.join(ok['mitigation'])}" if len(ok) else
+                   f"NOT met (best {best['mitigation']}: {100 * best['closed']:.0f}% closed, "
+                   f"macro-F1 {100 * best['f1_change']:+.1f})")
+        print(f"{arch:9s} {kind:16s} {level:<5g} gap {100 * g['gap_before'].iloc[0]:+.1f}: {verdict}")
+
+
+def headline(out: Path) -> None:
+    """Print the headline numbers from the sweep's tables."""
+    from fer_core.fairness import unit_intervals
+
+    paired = pd.read_parquet(out / "paired.parquet")
+    preds = pd.read_parquet(out / "predictions.parquet")
+    units = unit_intervals(preds, ["gender"], focus={"gender": "Female"})
+    level0_gaps(out, ["gender", "age"])
+    bias_effects(paired)
+    target_verdict(mitigation_effects(paired, units))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    ensure_data(Path(args.data))
+    overrides = [*(QUICK if args.quick else []), f"data.path={args.data}", *args.overrides]
+    estimate(overrides)
+    start = time.perf_counter()
+    sweep_args = ["--config", str(CONFIG), *overrides]
+    sweep_args += [f"--max-runs={args.max_runs}"] if args.max_runs else []
+    sweep_args += [f"--address={args.address}"] if args.address else []
+    code = bias_sweep.main(sweep_args)
+    print(f"sweep finished in {(time.perf_counter() - start) / 60:.1f} min (exit code {code})", flush=True)
+    exp = load_sweep(str(CONFIG), overrides)
+    out = Path(exp.results_dir) / exp.name
+    if not (out / "paired.parquet").is_file():
+        print(f"no paired.parquet in {out}: no run finished")
+        return 1
+    report.main([str(out)])
+    headline(out)
+    print(f"\nreport: {out / 'report.md'}")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""study.bias_sweep end to end: planted effects found, unplanted ones not, fixed test folds, tables, resume.
+
+The ground truth is ``experiments/bias_synthetic.toml`` at a small size (800 faces, 2 folds x 2 seeds,
+representational levels 0.5 and 1, no mitigation; 12 runs): women's expression cues are planted faint
+(a gender gap at level 0), the sweep removes women's training images (the gap must grow from the second
+level on), and nothing is planted on age (its gap and its change must include 0).
+"""
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fer_core.config import TrainConfig, to_dict, to_toml
+from fer_core.fairness import FAIRNESS_COLUMNS, PAIRED_COLUMNS, unit_intervals
+from study import bias_sweep
+from study.sweep_config import load_sweep, recipes, run_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "experiments" / "bias_synthetic.toml")
+SMALL = ["data.synthetic.n=800", "split.k=2", "sweep.levels.representational=[0.5, 1.0]",
+         "sweep.mitigations=['none']", "sweep.n_boot=50", "resources.dashboard=false"]
+PREDICTION_COLUMNS = {"run_id", "arch", "bias_kind", "bias_level", "mitigation", "fold", "seed", "image_id",
+                      "y_true", "y_pred", "p_Focused", "p_Happy", "p_Neutral", "p_Surprised", "gender", "age",
+                      "config_hash", "version"}
+PROGRESS = re.compile(r"^run \d+/\d+ done: main \S+ [\d.]+ \S+ fold \d seed \d: acc [\d.]+ gap -?[\d.]+ "
+                      r"\([\d.]+ s\)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, ray_runtime):
+    """The small ground-truth sweep, run once: (results folder, arguments)."""
+    args = ["--config", CONFIG, f"results_dir={tmp_path_factory.mktemp('sweep')}", *SMALL]
+    assert bias_sweep.main(args) == 0
+    exp = load_sweep(CONFIG, args[2:])
+    return Path(exp.results_dir) / exp.name, args
+
+
+@pytest.fixture(scope="module")
+def preds(sweep):
+    return pd.read_parquet(sweep[0] / "predictions.parquet")
+
+
+def level0(frame):
+    return frame[(frame["bias_kind"] == "none") & (frame["mitigation"] == "none")]
+
+
+@pytest.mark.ray
+def test_planted_gender_gap_at_level_0_is_found(sweep, preds):
+    fair = level0(pd.read_parquet(sweep[0] / "fairness.parquet"))
+    acc = fair[(fair["attribute"] == "gender") & (fair["metric"] == "accuracy")].set_index("group")
+    assert acc.loc["Male", "value"] > acc.loc["Female", "value"]  # women's cues were planted faint
+    assert acc.loc["difference", "ci_low"] > 0
+    signed = unit_intervals(level0(preds), ["gender"], focus={"gender": "Female"})
+    gap = signed[signed["metric"] == "accuracy_gap"].iloc[0]
+    assert gap["direction"] == "Male - Female"
+    assert gap["ci_low"] > 0, gap
+
+
+@pytest.mark.ray
+def test_planted_representational_effect_is_found_from_level_2_up(sweep):
+    paired = pd.read_parquet(sweep[0] / "paired.parquet")
+    rows = paired[(paired["comparison"] == "bias") & (paired["attribute"] == "gender")
+                  & (paired["metric"] == "accuracy_gap")].sort_values("bias_level")
+    assert list(rows["bias_level"]) == [0.5, 1.0]
+    assert (rows["direction"] == "(Male - Female) run - reference").all()
+    assert (rows["n_pairs"] == 4).all()  # 2 folds x 2 seeds, paired with level 0
+    for _, row in rows.iloc[1:].iterrows():  # the second level on: the gap grows, interval above 0
+        assert row["ci_low"] > 0, row
+
+
+@pytest.mark.ray
+def test_no_effect_where_none_was_planted(sweep, preds):
+    signed = unit_intervals(level0(preds), ["age"], focus={"age": "Baby"})
+    gap = signed[signed["metric"] == "accuracy_gap"].iloc[0]
+    assert gap["direction"] == "Adult - Baby"
+    assert gap["ci_low"] < 0 < gap["ci_high"], gap
+    paired = pd.read_parquet(sweep[0] / "paired.parquet")
+    age = paired[(paired["comparison"] == "bias") & (paired["attribute"] == "age")]
+    assert len(age) == 2
+    assert ((age["ci_low"] < 0) & (age["ci_high"] > 0)).all(), age
+
+
+@pytest.mark.ray
+def test_test_folds_are_identical_across_levels_and_cover_the_data_once(preds):
+    per_run = preds.groupby(["fold", "run_id"])["image_id"].apply(frozenset)
+    for fold, runs in per_run.groupby(level="fold"):
+        assert runs.nunique() == 1, f"fold {fold}: test images differ between runs"
+    folds = [next(iter(runs)) for _, runs in per_run.groupby(level="fold")]
+    assert not folds[0] & folds[1]
+    assert len(folds[0] | folds[1]) == 800
+    assert preds["run_id"].nunique() == 12
+
+
+@pytest.mark.ray
+def test_tables_have_the_documented_columns(sweep, preds):
+    out = sweep[0]
+    assert PREDICTION_COLUMNS <= set(preds.columns)
+    assert set(FAIRNESS_COLUMNS) <= set(pd.read_parquet(out / "fairness.parquet").columns)
+    assert set(PAIRED_COLUMNS) <= set(pd.read_parquet(out / "paired.parquet").columns)
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert {"run_id", "n_train", "n_target", "accuracy", "macro_f1", "gap", "seconds"} <= set(runs.columns)
+    # representational level 1 trains on no woman at all; the baseline on all of them
+    assert (runs.loc[runs["bias_level"] == 1.0, "n_target"] == 0).all()
+    assert (runs.loc[runs["bias_kind"] == "none", "target_share"] > 0.4).all()
+    assert {"attribute", "group", "label", "n"} <= set(pd.read_parquet(out / "composition.parquet").columns)
+    assert (out / "config.toml").is_file() and (out / "command.txt").is_file()
+    assert len(list((out / "runs").glob("*.parquet"))) == 12
+    assert not (out / "failed_runs.json").exists()
+
+
+@pytest.mark.ray
+def test_resume_trains_nothing_when_every_run_is_done(sweep, capsys):
+    out, args = sweep
+    files = sorted((out / "runs").glob("*.parquet"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert bias_sweep.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "12 of 12 runs already done" in printed
+    assert not PROGRESS.search(printed)
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+@pytest.mark.ray
+def test_smoke_test_runs_and_resume_trains_only_what_is_missing(tmp_path, ray_runtime, capsys):
+    assert bias_sweep.main(["--smoke-test", f"results_dir={tmp_path}"]) == 0
+    printed = capsys.readouterr().out
+    assert len(PROGRESS.findall(printed)) == 8
+    out = tmp_path / "smoke-bias-sweep"
+    removed = sorted((out / "runs").glob("*.parquet"))[0]
+    removed.unlink()
+    assert bias_sweep.main(["--resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "7 of 8 runs already done" in printed
+    assert len(PROGRESS.findall(printed)) == 1
+    assert removed.is_file()
+    assert pd.read_parquet(out / "predictions.parquet")["run_id"].nunique() == 8
+
+
+@pytest.mark.ray
+def test_a_failing_run_is_retried_recorded_and_the_others_finish(tmp_path, ray_runtime, capsys):
+    exp = load_sweep(CONFIG, ["split.k=2", "data.synthetic.n=80", "train.epochs=1", "sweep.max_failures=1",
+                              "sweep.mitigations=['none']", "sweep.levels.representational=[1.0]"])
+    ds = bias_sweep.load_data(exp.data.path, exp.data.synthetic)
+    tasks = bias_sweep.make_tasks(exp, ds, run_grid(exp, recipes(exp)))
+    broken = dataclasses.replace(tasks[0], train_idx=np.array([10 ** 9]))  # IndexError in the worker
+    (tmp_path / "runs").mkdir()
+    failures = bias_sweep.execute([broken, *tasks[1:]], ds, exp, tmp_path)
+    assert [f["run_id"] for f in failures] == [tasks[0].spec.run_id]
+    assert "IndexError" in failures[0]["message"]
+    assert "FAILED" in capsys.readouterr().out
+    assert len(list((tmp_path / "runs").glob("*.parquet"))) == len(tasks) - 1
+    bias_sweep.write_failures(tmp_path, failures)
+    assert json.loads((tmp_path / "failed_runs.json").read_text())[0]["run_id"] == tasks[0].spec.run_id
+
+
+# ---- configuration: fail fast, before any training ----
+
+@pytest.mark.parametrize(("override", "match"), [
+    ("sweep.archs=['resnet']", "unknown architecture 'resnet'"),
+    ("sweep.levels.representational=[0.0]", "must be in \\(0, 1\\]"),
+    ("sweep.levels.stereotypical=[1.5]", "must be in \\(0, 1\\]"),
+    ("sweep.kinds=['sampling']", "kinds"),
+    ("sweep.mitigations=['dropout']", "mitigations"),
+    ("sweep.colour=1", "unknown config key 'colour'"),
+])
+def test_bad_config_is_refused_naming_the_key(override, match):
+    with pytest.raises((KeyError, ValueError), match=match):
+        load_sweep(CONFIG, [override])
+
+
+@pytest.mark.parametrize(("override", "match"), [
+    ("sweep.group=Other", "no group 'Other'"),
+    ("sweep.attr=race", "no attribute 'race'"),
+    ("sweep.stereotypical_classes=['Angry']", "no class 'Angry'"),
+    ("sweep.tuned=nowhere", "no best.toml"),
+])
+def test_dataset_mismatch_fails_before_training(tmp_path, override, match):
+    args = ["--smoke-test", f"results_dir={tmp_path}", "sweep.kinds=['representational', 'stereotypical']",
+            override]
+    with pytest.raises((KeyError, ValueError, FileNotFoundError), match=match):
+        bias_sweep.main(args)
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_grid_is_the_full_product_with_unique_run_ids():
+    exp = load_sweep(None, ["split.k=5", "sweep.seeds=[0, 1]"])
+    grid = run_grid(exp, recipes(exp))
+    conditions = 1 + 4 + 2  # baseline, representational x 4, stereotypical x 2
+    assert len(grid) == 3 * conditions * 4 * 5 * 2
+    assert len({r.run_id for r in grid}) == len(grid)
+    assert {r.cfg.mitigation for r in grid} == {"none", "resample", "reweight", "groupdro"}
+    assert all(r.cfg.group_attr == "gender" and r.cfg.arch == r.arch for r in grid)
+    # the hash names everything that shapes a run except its fold
+    hashes = {(r.arch, r.bias, r.mitigation, r.seed): r.config_hash for r in grid}
+    assert len(set(hashes.values())) == len(hashes)
+
+
+def test_tuned_folder_gives_its_best_recipe_to_its_arch_and_the_default_to_the_others(tmp_path):
+    best = dataclasses.replace(TrainConfig(), arch="variant1", lr=0.0042, epochs=7)
+    (tmp_path / "best.toml").write_text(to_toml({"study": "t", "scores": {"cv_macro_f1": 0.9},
+                                                 "train": to_dict(best)}))
+    exp = load_sweep(None, [f"sweep.tuned={tmp_path}", "train.epochs=3"])
+    got = recipes(exp)
+    assert got["variant1"].lr == 0.0042 and got["variant1"].epochs == 7
+    assert got["main"].lr == TrainConfig().lr and got["main"].epochs == 3
+    grid = run_grid(exp, got)
+    assert {r.cfg.lr for r in grid if r.arch == "variant1"} == {0.0042}
