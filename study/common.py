@@ -56,9 +56,9 @@ def make_run_dir(base: str | os.PathLike, name: str, stamp: bool = True) -> Path
 
 def record_run(out: Path, config: dict[str, Any], argv: list[str] | None) -> None:
     """Write the resolved config (``config.toml``) and the command line (``command.txt``)."""
-    args = sys.argv[1:] if argv is None else argv
     (out / "config.toml").write_text(to_toml(config))
-    cmd = f"python -m {Path(sys.argv[0]).stem if argv is None else '...'} {shlex.join(args)}"
+    # the process's own command line; when called as a function, the arguments it was given
+    cmd = shlex.join(sys.orig_argv) if argv is None else f"main({argv!r})"
     (out / "command.txt").write_text(f"{cmd}\n# fer-bias-study {__version__}, {dt.datetime.now():%F %T}\n")
 
 
