@@ -52,7 +52,7 @@ class SearchConfig:
     objective: str = "accuracy"
     fairness_attr: str = "gender"
     fairness_weight: float = 1.0
-    checkpoint_every: int = 1
+    checkpoint_seconds: float = 60.0
     max_failures: int = 2
     refit: bool = True
     space: dict = field(default_factory=dict)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -115,20 +116,28 @@ def load_state(trainers: list[Trainer], checkpoint: tune.Checkpoint) -> None:
 
 
 def run_trial(config: dict[str, Any], exp: ExperimentConfig, data: FaceDataset) -> None:
-    """Function trainable: ``config`` holds the searched hyperparameters of this trial."""
+    """Function trainable: ``config`` holds the searched hyperparameters of this trial.
+
+    The trainers are checkpointed when ``search.checkpoint_seconds`` have passed since the last
+    checkpoint, and when the trial finishes: a killed study loses at most that much work per trial,
+    while Tune, which snapshots the whole experiment after every trial checkpoint (one is kept per
+    trial), is not made to do so every epoch. ``0`` checkpoints every epoch, a negative value never.
+    """
     torch.set_num_threads(max(1, int(exp.resources.cpus_per_trial)))
     trainers, tests = make_trainers(exp, data, config)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         load_state(trainers, checkpoint)
-    every = exp.search.checkpoint_every
+    every = exp.search.checkpoint_seconds
+    last_saved = time.monotonic()
     while not all(tr.done for tr in trainers):
         report = step_report(trainers)
         report["objective"] = objective(exp, report)
         finished = all(tr.done for tr in trainers)
         if finished:
             report.update(final_scores(exp, data, trainers, tests))
-        epoch = max(tr.epoch for tr in trainers)
-        ckpt = save_state(trainers) if every and (finished or epoch % every == 0) else None
+        ckpt = None
+        if every >= 0 and (finished or time.monotonic() - last_saved >= every):
+            ckpt, last_saved = save_state(trainers), time.monotonic()
         report["node_id"] = ray.get_runtime_context().get_node_id()
         tune.report(report, checkpoint=ckpt)

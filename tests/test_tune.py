@@ -1,5 +1,6 @@
 """study.tune: test folds kept out, outputs, two-node cluster, SIGKILL + resume, reproducibility."""
 
+import json
 import os
 import signal
 import subprocess
@@ -115,6 +116,7 @@ num_samples = 4
 n_startup_trials = 4
 scheduler = "fifo"
 refit = false
+checkpoint_seconds = 0
 [search.space]
 arch = ["main", "variant2"]
 lr = { low = 1e-3, high = 1e-2, log = true }
@@ -130,6 +132,15 @@ def launch(args, cwd):
 
 def reported_epochs(study: Path) -> int:
     return sum(len(p.read_text().splitlines()) for p in study.glob("tune/*/result.json"))
+
+
+def resumed_from_checkpoint(study: Path) -> int:
+    """Trials whose results show a restore: epochs counted since the restore fall behind the total."""
+    count = 0
+    for path in study.glob("tune/*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        count += any(r["iterations_since_restore"] < r["training_iteration"] for r in rows)
+    return count
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -149,6 +160,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     uninterrupted = launch(["--config", str(config), f"results_dir={fresh}"], ROOT)
     assert resumed.wait(timeout=400) == 0
     assert uninterrupted.wait(timeout=400) == 0
+    # at least one trial went on from its checkpoint rather than starting again
+    assert resumed_from_checkpoint(killed / "killme") > 0
     a = pd.read_parquet(killed / "killme" / "trials.parquet")
     b = pd.read_parquet(fresh / "killme" / "trials.parquet")
     for t in (a, b):
