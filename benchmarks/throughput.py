@@ -6,9 +6,10 @@ The library loop is ``fer_core.training.train_one_epoch`` (with its scheduler, l
 ``--augment``, its augmentation); the bare loop is the few lines every tutorial has. Epochs alternate
 between the two so that machine noise hits both alike (which goes first alternates too); the median
 images/s of each is reported and the ratio library/bare (target >= 0.95, with augmentation off, so
-both do the same arithmetic).
+both do the same arithmetic), then the median and quartiles of the per-round ratios, which show how much
+of a difference is noise.
 
-Run: ``python benchmarks/throughput.py [--n 1024] [--rounds 5] [--arch main ...] [--augment]``
+Run: ``python benchmarks/throughput.py [--n 1024] [--rounds 5] [--threads N] [--arch main ...] [--augment]``
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def bare_epoch(model, optimizer, x, y, order, batch_size) -> None:
         optimizer.step()
 
 
-def measure(arch: str, n: int, rounds: int, augment: bool, batch_size: int) -> tuple[float, float]:
-    """Median images/s of (library loop, bare loop) over alternating epochs."""
+def measure(arch: str, n: int, rounds: int, augment: bool, batch_size: int
+            ) -> tuple[list[float], list[float]]:
+    """Images/s of (library loop, bare loop) in each round of alternating epochs."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (n, 48, 48), dtype=np.uint8)
     labels = rng.integers(0, 4, n)
@@ -66,7 +68,7 @@ def measure(arch: str, n: int, rounds: int, augment: bool, batch_size: int) -> t
     for r in range(rounds):  # who goes first alternates, so neither always follows the other
         for run in ((timed_lib, timed_bare) if r % 2 == 0 else (timed_bare, timed_lib)):
             run()
-    return statistics.median(lib_rates), statistics.median(bare_rates)
+    return lib_rates, bare_rates
 
 
 def main() -> None:
@@ -76,14 +78,20 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--arch", nargs="*", default=list_models())
     p.add_argument("--augment", action="store_true", help="library loop augments (bare does not)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n={args.n}, "
           f"batch {args.batch_size}, {args.rounds} alternating epochs, augment={args.augment}")
-    print(f"{'arch':10s} {'library img/s':>14s} {'bare img/s':>11s} {'ratio':>6s}")
+    print(f"{'arch':10s} {'library img/s':>14s} {'bare img/s':>11s} {'ratio':>6s}   "
+          "per-round ratio: median [quartiles]")
     for arch in args.arch:
         lib, bare = measure(arch, args.n, args.rounds, args.augment, args.batch_size)
-        print(f"{arch:10s} {lib:14.1f} {bare:11.1f} {lib / bare:6.3f}")
-
+        ratio = statistics.median(lib) / statistics.median(bare)
+        q1, q2, q3 = np.quantile(np.divide(lib, bare), [0.25, 0.5, 0.75])
+        print(f"{arch:10s} {statistics.median(lib):14.1f} {statistics.median(bare):11.1f} {ratio:6.3f}   "
+              f"{q2:.3f} [{q1:.3f}, {q3:.3f}]", flush=True)
 
 if __name__ == "__main__":
     main()
