@@ -12,12 +12,14 @@ Kinds and what ``level`` means:
   every other image is kept.
 - ``stereotypical``: inside each chosen class the target group's share ``p`` moves to
   ``p + level * (1 - p)`` (``direction = "up"``) or ``p * (1 - level)`` (``"down"``); images outside
-  the chosen classes are untouched. Oversampling is not allowed, so the share is reached by removing
-  images of the group that loses share (non-target images when going up, target images when going
-  down) and keeping every image of the group that gains it. A class therefore keeps its size only at
-  level 0: at a higher level it shrinks to the largest size at which the new share can be drawn from
-  the images that exist (``n_gaining / new_share``). That capped size is logged, and
-  :func:`bias_summary` reports the class sizes of the result.
+  the chosen classes are untouched. Oversampling is not allowed, so a skewed share can only be drawn
+  from a smaller class: at most ``n_gaining / new_share`` images, where ``n_gaining`` counts the images
+  of the group that gains share. With ``size_level`` (what a sweep uses) every level, 0 included, cuts
+  each chosen class to its size at level ``size_level`` (the sweep's strongest), so class sizes stay
+  the same from level to level and only the share changes; level 0 is then the size-matched unbiased
+  reference of this kind. Without it (``size_level = 0``) a class keeps every image of the gaining
+  group, so it shrinks as the level grows. Cut classes are logged, and :func:`bias_summary` reports
+  the class sizes of the result.
 - ``augmented``: add ``level`` of the dataset's extra images (rows whose ``subset`` is not
   ``"base"``) that belong to the target group, e.g. fer4's female ``Extra Data``. An extra whose
   ``image_id`` equals a test image's is never added (the importer merges identical pixels already;
@@ -35,7 +37,7 @@ and the same seed gives the same rows on every machine. Example::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -55,6 +57,9 @@ _NO_GROUP = "bias: attribute {0!r} of dataset {1!r} has no group {2!r}; groups: 
 _NO_CLASS = "bias: dataset {0!r} has no class {1!r}; classes: {2}"
 _NO_EXTRAS = ("bias: kind 'augmented' needs extra images of {0} = {1!r} (rows whose subset is not "
               "'base'); dataset {2!r} has none")
+_SIZE_KIND = "BiasSpec: size_level is for kind 'stereotypical' only, got kind {0!r}"
+_SIZE_BELOW = ("BiasSpec: level {0!r} exceeds size_level {1!r}; the class size must be reachable at every "
+               "level, so size_level is the strongest level of the sweep")
 _TEST_ROWS = "apply_bias: {0} training rows are also test rows; pass the training fold only"
 
 
@@ -74,6 +79,9 @@ class BiasSpec:
         Stereotypical only: the classes inside which the group's share is skewed.
     direction
         Stereotypical only: ``"up"`` moves the share toward 1, ``"down"`` toward 0.
+    size_level
+        Stereotypical only: when > 0, every level cuts each chosen class to its size at this level,
+        so that only the share changes between levels (``level`` may not exceed it); 0: classes shrink.
     """
 
     kind: str = "none"
@@ -82,6 +90,7 @@ class BiasSpec:
     group: str = "Female"
     classes: tuple[str, ...] = ()
     direction: str = "up"
+    size_level: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("BiasSpec", "kind", self.kind, KINDS)
@@ -91,6 +100,11 @@ class BiasSpec:
             raise ValueError(_NONE_LEVEL.format(self.level))
         if self.kind == "stereotypical" and not self.classes:
             raise ValueError(_NO_CLASSES)
+        _check("BiasSpec", "size_level", self.size_level, 0.0 <= self.size_level <= 1.0, "in [0, 1]")
+        if self.size_level and self.kind != "stereotypical":
+            raise ValueError(_SIZE_KIND.format(self.kind))
+        if self.size_level and self.level > self.size_level:
+            raise ValueError(_SIZE_BELOW.format(self.level, self.size_level))
         object.__setattr__(self, "classes", tuple(self.classes))
 
     @property
@@ -166,7 +180,7 @@ def apply_bias(ds_full: FaceDataset, train_idx: np.ndarray, spec: BiasSpec, rng:
     # one priority order over all rows, drawn first: the same (fold, seed) gives nested levels
     rank = np.empty(len(ds_full), dtype=np.int64)
     rank[rng.permutation(len(ds_full))] = np.arange(len(ds_full))
-    if spec.kind == "none" or spec.level == 0:
+    if spec.kind == "none" or (spec.level == 0 and not spec.size_level):
         return train_idx
     if spec.kind == "representational":
         return _representational(ds_full, train_idx, spec, rank)
@@ -195,17 +209,23 @@ def _representational(ds: FaceDataset, train_idx: np.ndarray, spec: BiasSpec, ra
 def stereotypical_counts(n_target: int, n_other: int, spec: BiasSpec) -> tuple[int, int]:
     """How many target and other images a class keeps to reach the skewed share without oversampling.
 
-    The group that gains share keeps all its images; the other is cut until the share is reached. A
-    class without any image of the gaining group cannot be skewed and is kept as it is.
+    Without ``size_level`` the group that gains share keeps all its images and the other is cut until
+    the share is reached. With it, the class is first given its size at ``size_level`` and the new
+    share is drawn at that size. A class without any image of the gaining group cannot be skewed and
+    is kept as it is.
     """
     gaining = n_target if spec.direction == "up" else n_other
     if gaining == 0:
         return n_target, n_other
     p = n_target / (n_target + n_other)
+    share = p + spec.level * (1.0 - p) if spec.direction == "up" else p * (1.0 - spec.level)
+    if spec.size_level:
+        size = sum(stereotypical_counts(n_target, n_other, replace(spec, level=spec.size_level,
+                                                                   size_level=0.0)))
+        n_t = min(n_target, _round(size * share))
+        return n_t, min(n_other, size - n_t)
     if spec.direction == "up":
-        share = p + spec.level * (1.0 - p)
         return n_target, min(n_other, _round(n_target * (1.0 - share) / share))
-    share = p * (1.0 - spec.level)
     return min(n_target, _round(n_other * share / (1.0 - share))), n_other
 
 

@@ -452,11 +452,18 @@ def _run_key(row: pd.Series | tuple) -> tuple:
     return (arch, kind, float(level), mitigation)
 
 
-def _references(key: tuple) -> list[tuple[str, tuple]]:
-    """(comparison, reference key) pairs of a run group: bias vs level 0, mitigation vs none."""
+def _references(key: tuple, groups: set | dict) -> list[tuple[str, tuple]]:
+    """(comparison, reference key) pairs of a run group: bias vs level 0, mitigation vs none.
+
+    Level 0 is the kind's own level 0 when ``groups`` has one (a size-matched stereotypical sweep),
+    else the unbiased baseline; a kind's own level 0 is compared with the baseline.
+    """
     arch, kind, level, mitigation = key
     refs = []
-    if not (kind == BASELINE_KIND and level == BASELINE_LEVEL):
+    own = (arch, kind, BASELINE_LEVEL, mitigation)
+    if level != BASELINE_LEVEL and own in groups:
+        refs.append(("bias", own))
+    elif not (kind == BASELINE_KIND and level == BASELINE_LEVEL):
         refs.append(("bias", (arch, BASELINE_KIND, BASELINE_LEVEL, mitigation)))
     if mitigation != NO_MITIGATION:
         refs.append(("mitigation", (arch, kind, level, NO_MITIGATION)))
@@ -485,8 +492,9 @@ def paired_tests(predictions: pd.DataFrame, attributes: list[str], *,
     -------
     pandas.DataFrame
         Columns :data:`PAIRED_COLUMNS` plus ``config_hash`` and ``version``. One row per run group x
-        comparison x metric. ``comparison="bias"``: against the same arch and mitigation at
-        ``bias_kind="none"``, level 0; ``"mitigation"``: against the same arch, bias kind and level
+        comparison x metric. ``comparison="bias"``: against the same arch and mitigation at level 0
+        of the same bias kind when that run group exists (a size-matched stereotypical sweep), else
+        at ``bias_kind="none"``, level 0; ``"mitigation"``: against the same arch, bias kind and level
         without mitigation (a biased, mitigated run group gets both rows). ``reference`` names the
         reference run group. ``metric`` is ``accuracy``, ``macro_f1`` (``attribute="all"``) or
         ``accuracy_gap`` of ``attribute``; ``direction`` spells the sign: ``mean_diff`` is always run
@@ -502,7 +510,7 @@ def paired_tests(predictions: pd.DataFrame, attributes: list[str], *,
     match = [*UNIT_KEYS, "attribute", "metric", "direction"]
     rows = []
     for key, run in keyed.items():
-        for comparison, ref_key in _references(key):
+        for comparison, ref_key in _references(key, keyed):
             if ref_key not in keyed:
                 logger.warning("%s: no reference run group (%s); %s comparison skipped",
                                _describe(key), _describe(ref_key), comparison)

@@ -329,7 +329,10 @@ def section_bias(t: Tables, kinds: list[str]) -> list[str]:
     """Change of accuracy and gaps at every bias level against level 0 (paired)."""
     lines = ["## How gaps change with bias", "",
              "Each bias level against level 0 with the same architecture and mitigation, paired on "
-             "(fold, seed): mean difference (run - reference) with 95% t interval and ttest_rel p.", ""]
+             "(fold, seed): mean difference (run - reference) with 95% t interval and ttest_rel p. "
+             "Level 0 is the unbiased baseline, except for a kind that has its own level 0 (a "
+             "stereotypical sweep with size-matched classes: the same class sizes as its biased levels, "
+             "the original shares); that level 0 is itself compared with the unbiased baseline.", ""]
     rows = t.paired[t.paired["comparison"] == "bias"]
     for kind in kinds:
         lines += [f"### {kind}", "", md_table(_diff_table(rows[rows["bias_kind"] == kind])),
@@ -415,12 +418,19 @@ def _bias_findings(t: Tables) -> list[str]:
         what = f"the {attr} gap ({_gap_direction(g['direction'].iloc[0])})" if metric == "accuracy_gap" \
             else metric
         g = g.sort_values("bias_level")
+        own_zero = g[g["bias_level"] == BASELINE_LEVEL]  # a size-matched level 0 against the baseline
+        g = g[g["bias_level"] != BASELINE_LEVEL]
         hits = [f"{lv:g}" for lv, lo, hi in zip(g["bias_level"], g["ci_low"], g["ci_high"], strict=True)
                 if _excludes_zero(lo, hi)]
         levels = "; ".join(f"{r.bias_level:g}: {fmt_ci(r.mean_diff, r.ci_low, r.ci_high, True)}"
                            for r in g.itertuples())
         verdict = f"interval excludes 0 at level {', '.join(hits)}" if hits else "no detectable change"
-        out.append(f"{kind} bias, {arch} without mitigation: {what} vs level 0 — {verdict} ({levels}).")
+        reference = "level 0"
+        if len(own_zero):
+            r = own_zero.iloc[0]
+            reference = (f"its size-matched level 0 (which differs from the unbiased baseline by "
+                         f"{fmt_ci(r.mean_diff, r.ci_low, r.ci_high, True)})")
+        out.append(f"{kind} bias, {arch} without mitigation: {what} vs {reference} — {verdict} ({levels}).")
     return out
 
 
@@ -486,9 +496,14 @@ def caveats(t: Tables, cfg: ReportConfig) -> list[str]:
 # ---- plots ----
 
 def _levels(intervals: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """Rows of one bias kind plus the level-0 rows (drawn at level 0)."""
-    return intervals[(intervals["bias_kind"] == kind) | (
-        (intervals["bias_kind"] == BASELINE_KIND) & (intervals["bias_level"] == BASELINE_LEVEL))]
+    """Rows of one bias kind, with level 0 drawn from the kind's own rows or the baseline's.
+
+    A size-matched stereotypical sweep has its own level 0; other kinds start at the unbiased baseline.
+    """
+    rows = intervals["bias_kind"] == kind
+    if not (rows & (intervals["bias_level"] == BASELINE_LEVEL)).any():
+        rows |= (intervals["bias_kind"] == BASELINE_KIND) & (intervals["bias_level"] == BASELINE_LEVEL)
+    return intervals[rows]
 
 
 def plot_vs_level(intervals: pd.DataFrame, kind: str, panels: list[tuple[str, str]], path: Path) -> Path:

@@ -7,13 +7,16 @@ A sweep TOML has these tables (every key optional; see ``experiments/bias_synthe
     [data]      path = "synthetic"   # or a canonical dataset folder; [data.synthetic] generator knobs
     [split]     k = 5, split_seed = 0         # folds, validation carving and bias subsampling
     [train]     the default recipe (fer_core.config.TrainConfig keys)
-    [sweep]     archs, tuned, kinds, attr, group, stereotypical_classes, direction, mitigations,
+    [sweep]     archs, tuned, kinds, attr, group, stereotypical_classes, direction,
+                stereotypical_sizes, mitigations,
                 seeds, n_boot, fairness_attrs, max_failures, max_in_flight
     [sweep.levels]  representational = [...], stereotypical = [...], augmented = [...]
     [resources] as for study.tune: cpus_per_trial, gpus_per_trial, address, dashboard, ...
 
 The grid is architectures x conditions x mitigations x folds x seeds, where the conditions are the
-unbiased baseline (``bias_kind = "none"``, level 0) and every level in (0, 1] of every listed kind.
+unbiased baseline (``bias_kind = "none"``, level 0), every level in (0, 1] of every listed kind, and,
+with ``stereotypical_sizes = "matched"`` (the default), the size-matched level 0 of the stereotypical
+kind.
 
 Recipes: without ``tuned`` every architecture trains with ``[train]``. With ``tuned = "results/x"``
 (a ``study.tune`` results folder) the architecture of its ``best.toml`` trains with that file's
@@ -91,6 +94,10 @@ class SweepConfig:
         ``age`` / ``Senior``).
     stereotypical_classes, direction
         Classes whose target-group share the stereotypical bias skews, ``up`` (toward 1) or ``down``.
+    stereotypical_sizes
+        ``"matched"``: at every stereotypical level each chosen class has its size at the strongest
+        level, so only the share changes, and a size-matched level 0 of this kind runs as its
+        reference (paired tests compare against it); ``"shrink"``: classes shrink as the level grows.
     mitigations
         Training options of :class:`fer_core.config.TrainConfig` to compare.
     seeds
@@ -119,6 +126,7 @@ class SweepConfig:
     group: str = "Female"
     stereotypical_classes: tuple[str, ...] = ("Happy",)
     direction: str = "up"
+    stereotypical_sizes: str = "matched"
     mitigations: tuple[str, ...] = MITIGATIONS
     seeds: tuple[int, ...] = (0,)
     n_boot: int = 200
@@ -143,18 +151,28 @@ class SweepConfig:
         for mitigation in self.mitigations:
             _choice(where, "mitigations", mitigation, MITIGATIONS)
         _choice(where, "direction", self.direction, ("up", "down"))
+        _choice(where, "stereotypical_sizes", self.stereotypical_sizes, ("matched", "shrink"))
         _check(where, "n_boot", self.n_boot, self.n_boot >= 0, ">= 0")
         _check(where, "max_failures", self.max_failures, self.max_failures >= 0, ">= 0")
         if "stereotypical" in self.kinds and not self.stereotypical_classes:
             raise ValueError(_EMPTY.format("stereotypical_classes"))
 
     def conditions(self) -> list[BiasSpec]:
-        """The baseline, then every (kind, level) of the sweep, in config order."""
+        """The baseline, then every (kind, level) of the sweep, in config order.
+
+        With ``stereotypical_sizes = "matched"`` the stereotypical kind starts with its own level 0
+        (its classes cut to their size at the strongest level, their shares unchanged).
+        """
         specs = [BiasSpec("none", 0.0, self.attr, self.group)]
         for kind in self.kinds:
-            classes = self.stereotypical_classes if kind == "stereotypical" else ()
-            specs += [BiasSpec(kind, level, self.attr, self.group, classes, self.direction)
-                      for level in getattr(self.levels, kind)]
+            levels = list(getattr(self.levels, kind))
+            if kind != "stereotypical":
+                specs += [BiasSpec(kind, level, self.attr, self.group) for level in levels]
+                continue
+            size_level = max(levels) if self.stereotypical_sizes == "matched" else 0.0
+            levels = [0.0, *levels] if size_level else levels
+            specs += [BiasSpec(kind, level, self.attr, self.group, self.stereotypical_classes,
+                               self.direction, size_level) for level in levels]
         return specs
 
 

@@ -94,6 +94,29 @@ def test_stereotypical_levels_are_nested(ds, fold):
     assert all(later <= earlier for earlier, later in pairwise(kept))
 
 
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_size_matched_stereotypical_keeps_class_sizes_and_moves_only_the_share(ds, fold, direction):
+    train, _ = fold
+    labels = ds.manifest["label"].to_numpy()
+    levels = (0.0, 0.25, 0.5, 1.0)
+    specs = [BiasSpec("stereotypical", lv, classes=("Happy", "Focused"), direction=direction, size_level=1.0)
+             for lv in levels]
+    kept = [run(ds, fold, spec) for spec in specs]
+    shrunk = run(ds, fold, BiasSpec("stereotypical", 1.0, classes=("Happy", "Focused"), direction=direction))
+    for cls in ("Happy", "Focused"):
+        before = train[labels[train] == cls]
+        p = female(ds, before).mean()
+        sizes = {int((labels[rows] == cls).sum()) for rows in kept}
+        # one size at every level: the size the class has at the strongest level, without size matching
+        assert sizes == {int((labels[shrunk] == cls).sum())}
+        for lv, rows in zip(levels, kept, strict=True):
+            after = rows[labels[rows] == cls]
+            want = p + lv * (1 - p) if direction == "up" else p * (1 - lv)
+            assert abs(female(ds, after).mean() - want) < 1.5 / len(after)
+    for rows in kept:  # other classes untouched, nothing drawn from outside the fold
+        assert set(train[~np.isin(labels[train], ("Happy", "Focused"))]) <= set(rows) <= set(train)
+
+
 def test_stereotypical_counts_keep_a_class_without_the_gaining_group():
     spec = BiasSpec("stereotypical", 0.5, classes=("Happy",))
     assert stereotypical_counts(0, 30, spec) == (0, 30)
@@ -177,6 +200,8 @@ def test_check_spec_augmented_without_extras():
     ({"kind": "stereotypical", "level": 0.5}, "classes"),
     ({"kind": "sampling"}, "kind"),
     ({"kind": "stereotypical", "level": .5, "classes": ("Happy",), "direction": "sideways"}, "direction"),
+    ({"kind": "representational", "level": .5, "size_level": 1.0}, "stereotypical' only"),
+    ({"kind": "stereotypical", "level": 1.0, "classes": ("Happy",), "size_level": 0.5}, "exceeds size_level"),
 ])
 def test_spec_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

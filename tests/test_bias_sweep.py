@@ -200,7 +200,12 @@ def test_dataset_mismatch_fails_before_training(tmp_path, override, match):
 def test_grid_is_the_full_product_with_unique_run_ids():
     exp = load_sweep(None, ["split.k=5", "sweep.seeds=[0, 1]"])
     grid = run_grid(exp, recipes(exp))
-    conditions = 1 + 4 + 2  # baseline, representational x 4, stereotypical x 2
+    # baseline, representational x 4, stereotypical: its size-matched level 0 and 2 levels
+    conditions = 1 + 4 + 1 + 2
+    assert [s.level for s in exp.sweep.conditions() if s.kind == "stereotypical"] == [0.0, 0.5, 1.0]
+    assert {s.size_level for s in exp.sweep.conditions() if s.kind == "stereotypical"} == {1.0}
+    shrink = load_sweep(None, ["sweep.stereotypical_sizes=shrink"]).sweep.conditions()
+    assert [(s.level, s.size_level) for s in shrink if s.kind == "stereotypical"] == [(0.5, 0.0), (1.0, 0.0)]
     assert len(grid) == 3 * conditions * 4 * 5 * 2
     assert len({r.run_id for r in grid}) == len(grid)
     assert {r.cfg.mitigation for r in grid} == {"none", "resample", "reweight", "groupdro"}

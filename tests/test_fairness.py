@@ -297,6 +297,24 @@ def test_mitigation_comparisons_and_missing_references(caplog):
     assert "no reference run group" in caplog.text
 
 
+def test_a_kind_with_its_own_level_zero_is_compared_with_it():
+    frame = _planted(effect=0.3)  # none 0 and representational 0.5 (Female predictions made worse)
+    # a size-matched stereotypical sweep: its level 0 = the degraded runs, its level 1 = the clean ones
+    own_zero = frame[frame["bias_level"] == 0.5].assign(bias_kind="stereotypical", bias_level=0.0)
+    level_one = frame[frame["bias_level"] == 0.0].assign(bias_kind="stereotypical", bias_level=1.0)
+    paired = paired_tests(pd.concat([frame, own_zero, level_one], ignore_index=True), ["gender"])
+    stereo = paired[(paired["bias_kind"] == "stereotypical") & (paired["metric"] == "accuracy_gap")]
+    at_one = stereo[stereo["bias_level"] == 1.0].iloc[0]
+    at_zero = stereo[stereo["bias_level"] == 0.0].iloc[0]
+    assert at_one["reference"] == "arch=main bias_kind=stereotypical bias_level=0 mitigation=none"
+    assert at_zero["reference"] == "arch=main bias_kind=none bias_level=0 mitigation=none"
+    gaps_degraded, gaps_clean = _gaps_by_hand(frame, 0.5), _gaps_by_hand(frame, 0.0)
+    assert at_one["mean_diff"] == pytest.approx((gaps_clean - gaps_degraded).mean())
+    assert at_zero["mean_diff"] == pytest.approx((gaps_degraded - gaps_clean).mean())
+    rep = paired[(paired["bias_kind"] == "representational") & (paired["metric"] == "accuracy_gap")]
+    assert rep.iloc[0]["reference"] == "arch=main bias_kind=none bias_level=0 mitigation=none"
+
+
 def test_gap_direction_conventions():
     two = pd.Series(["Male", "Female", None], dtype=object)
     assert gap_direction(two)[0] == "Male - Female"

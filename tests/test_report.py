@@ -94,6 +94,25 @@ def test_missing_fairness_and_paired_tables_are_computed_and_saved(tmp_path):
     assert (planted["mean_diff"] > 0.2).all()  # Female accuracy drops by 0.5 at level 0.5
 
 
+def test_a_size_matched_stereotypical_kind_is_measured_from_its_own_level_zero(tmp_path):
+    frame = _handmade()
+    biased = frame[frame["bias_kind"] == "representational"]
+    stereo = pd.concat([frame[frame["bias_kind"] == "none"].assign(bias_kind="stereotypical", bias_level=0.0),
+                        biased.assign(bias_kind="stereotypical", bias_level=1.0)], ignore_index=True)
+    results = tmp_path / "res"
+    results.mkdir()
+    write_table(pd.concat([frame, stereo], ignore_index=True), results / "predictions.parquet")
+    assert main([str(results), "n_boot=5", 'attributes=["gender"]']) == 0
+    _check_pngs(results, ["accuracy_vs_level_stereotypical.png", "gap_vs_level_stereotypical.png"])
+    text = (results / "report.md").read_text()
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith("- stereotypical bias, main without mitigation: the gender gap"))
+    # the stereotypical level 0 holds the baseline's predictions here, so it differs from it by exactly 0
+    assert "vs its size-matched level 0 (which differs from the unbiased baseline by +0.000" in line
+    only_level_one = "— interval excludes 0 at level 1 (1: " + line.split("(1: ")[1]
+    assert line.endswith(only_level_one)
+
+
 def test_composition_from_the_manifest_named_in_config(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
