@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--quick", action="store_true", help="1 architecture, fewer levels, 3 folds, 15 epochs")
+    p.add_argument("--tables-only", action="store_true",
+                   help="train nothing: tables, report and figures from the runs finished so far")
     p.add_argument("--max-runs", type=int, default=0, help="train at most N new runs (0 = all)")
     p.add_argument("--data", default="data/fer4", help="canonical fer4 folder (imported when missing)")
     p.add_argument("--address", default="", help="Ray cluster: 'auto' or 'ray://HOST:PORT'")
@@ -188,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     ensure_data(Path(args.data))
     overrides = [*(QUICK if args.quick else []), f"data.path={args.data}", *args.overrides]
-    estimate(overrides)
+    if not args.tables_only:
+        estimate(overrides)
     start = time.perf_counter()
     sweep_args = ["--config", str(CONFIG), *overrides]
     sweep_args += [f"--max-runs={args.max_runs}"] if args.max_runs else []
+    sweep_args += ["--tables-only"] if args.tables_only else []
     sweep_args += [f"--address={args.address}"] if args.address else []
     code = bias_sweep.main(sweep_args)
     print(f"sweep finished in {(time.perf_counter() - start) / 60:.1f} min (exit code {code})", flush=True)

@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RESULTS_DIR", help="continue the sweep in this folder")
     p.add_argument("--address", default="", help="Ray cluster: 'auto' or 'ray://HOST:PORT'")
     p.add_argument("--max-runs", type=int, default=0, help="train at most N new runs (0 = all)")
+    p.add_argument("--tables-only", action="store_true",
+                   help="train nothing: write the tables from the runs finished so far")
     p.add_argument("--smoke-test", action="store_true", help="8 one-epoch runs on 160 synthetic faces")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     exp, out, ds, grid = prepare(args, argv)
-    todo = pending_runs(out, grid, args.max_runs)
+    todo = [] if args.tables_only else pending_runs(out, grid, args.max_runs)
     failures: list[dict] = []
     if todo:
         joined = ray.is_initialized()  # a caller's runtime (a test, a notebook) is left running

@@ -143,6 +143,9 @@ def test_smoke_test_runs_and_resume_trains_only_what_is_missing(tmp_path, ray_ru
     out = tmp_path / "smoke-bias-sweep"
     removed = sorted((out / "runs").glob("*.parquet"))[0]
     removed.unlink()
+    assert bias_sweep.main(["--resume", str(out), "--tables-only"]) == 0  # tables of what is finished
+    assert len(PROGRESS.findall(capsys.readouterr().out)) == 0 and not removed.exists()
+    assert pd.read_parquet(out / "predictions.parquet")["run_id"].nunique() == 7
     assert bias_sweep.main(["--resume", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "7 of 8 runs already done" in printed
