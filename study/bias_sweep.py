@@ -223,7 +223,9 @@ def execute(tasks: list[RunTask], ds: FaceDataset, exp: SweepExperiment, out: Pa
         while queue and len(pending) < limit:
             task = queue.pop(0)
             pending[submit(ds_ref, task, resources, exp.sweep.max_failures)] = task
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready = []
+        while not ready:  # a short timeout, so that Ctrl-C stops the sweep at once, not after a run
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
         task, done = pending.pop(ready[0]), done + 1
         try:
             preds, info = ray.get(ready[0])
