@@ -149,7 +149,8 @@ def mitigation_effects(paired: pd.DataFrame, units: pd.DataFrame) -> list[dict]:
             continue
         d_gap, d_f1 = g.loc[("gender", "accuracy_gap")], g.loc[("all", "macro_f1")]
         before = gap.get((arch, kind, level), np.nan)
-        closed = -d_gap["mean_diff"] / before if before and abs(before) > 1e-9 else np.nan
+        # share of the gap's size removed: a gap pushed past 0 to a larger gap the other way did not close
+        closed = 1 - abs(before + d_gap["mean_diff"]) / abs(before) if abs(before) > 1e-9 else np.nan
         found.append({"arch": arch, "kind": kind, "level": level, "mitigation": mitigation,
                       "gap_before": before, "closed": closed, "f1_change": d_f1["mean_diff"]})
         print(f"{arch:9s} {kind:16s} {level:<5g} {mitigation:9s} gap change {fmt(d_gap)} of "

@@ -510,7 +510,7 @@ def plot_vs_level(intervals: pd.DataFrame, kind: str, panels: list[tuple[str, st
     """Mean and 95% t interval vs bias level: one column per arch, one row per (attribute, metric)."""
     data = _levels(intervals, kind)
     archs, mitigations = sorted(data["arch"].unique()), sorted(data["mitigation"].unique())
-    fig, axes = plt.subplots(len(panels), len(archs), figsize=(4.2 * len(archs), 3.3 * len(panels)),
+    fig, axes = plt.subplots(len(panels), len(archs), figsize=(max(6.0, 4.2 * len(archs)), 3.3 * len(panels)),
                              squeeze=False, sharex=True, sharey="row")
     colors = dict(zip(mitigations, plt.cm.tab10.colors, strict=False))
     span = max(float(data["bias_level"].max()), 1e-9)
