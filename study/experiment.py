@@ -107,16 +107,22 @@ def validate_space(space: dict[str, Any], where: str) -> None:
             raise ValueError(_BAD_RANGE.format(name, spec, where=where))
 
 
-def load_experiment(path: str | None, overrides: list[str] | None = None,
-                    extra: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Defaults < TOML file < ``extra`` (e.g. smoke-test settings) < command-line overrides."""
+def load_config(cls: type, path: str | None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> Any:
+    """A ``cls`` from defaults < TOML file < ``extra`` (e.g. smoke-test settings) < command-line overrides."""
     data = load_toml(path) if path else {}
     if extra:
         data = merge(data, extra)
     if overrides:
         data = merge(data, parse_overrides(overrides))
     where = f"{path or 'defaults'}{' + command line' if overrides else ''}"
-    return from_dict(ExperimentConfig, data, where)
+    return from_dict(cls, data, where)
+
+
+def load_experiment(path: str | None, overrides: list[str] | None = None,
+                    extra: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The study's config: defaults < TOML file < ``extra`` < command-line overrides."""
+    return load_config(ExperimentConfig, path, overrides, extra)
 
 
 def trial_train_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:

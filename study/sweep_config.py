@@ -45,12 +45,10 @@ from fer_core.config import (
     config_hash,
     from_dict,
     load_toml,
-    merge,
-    parse_overrides,
     to_dict,
 )
 from fer_core.models import list_models
-from study.experiment import DataConfig, ResourcesConfig
+from study.experiment import DataConfig, ResourcesConfig, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -215,14 +213,8 @@ class RunSpec:
 
 def load_sweep(path: str | None, overrides: list[str] | None = None,
                extra: dict[str, Any] | None = None) -> SweepExperiment:
-    """Defaults < TOML file < ``extra`` (e.g. smoke-test settings) < command-line overrides."""
-    data = load_toml(path) if path else {}
-    if extra:
-        data = merge(data, extra)
-    if overrides:
-        data = merge(data, parse_overrides(overrides))
-    where = f"{path or 'defaults'}{' + command line' if overrides else ''}"
-    return from_dict(SweepExperiment, data, where)
+    """The sweep's config: defaults < TOML file < ``extra`` < command-line overrides."""
+    return load_config(SweepExperiment, path, overrides, extra)
 
 
 def recipes(exp: SweepExperiment) -> dict[str, TrainConfig]:
