@@ -72,7 +72,7 @@ def summary_table(results: tune.ResultGrid) -> pd.DataFrame:
     for r in results:
         m = r.metrics or {}
         row = {"trial_id": m.get("trial_id", ""), "status": trial_status(r),
-               "epochs": m.get("training_iteration", 0), "node_id": m.get("node_id", "")}
+               "epochs_run": m.get("training_iteration", 0), "node_id": m.get("node_id", "")}
         row.update({k: m.get(k, np.nan) for k in ("objective", "score", "best_val_gap", "cv_macro_f1",
                                                   "cv_macro_f1_std", "cv_accuracy", "cv_accuracy_std",
                                                   "cv_gap")})
@@ -139,7 +139,7 @@ def write_outputs(out: Path, results: tune.ResultGrid, exp: ExperimentConfig) ->
 
 def top_table(summary: pd.DataFrame, exp: ExperimentConfig, n: int = 5) -> str:
     """The ``n`` best trials by objective, as text."""
-    cols = ["trial_id", "status", "epochs", "objective", "cv_macro_f1", "cv_macro_f1_std", "cv_gap",
+    cols = ["trial_id", "status", "epochs_run", "objective", "cv_macro_f1", "cv_macro_f1_std", "cv_gap",
             *exp.search.space]
     cols = [c for c in cols if c in summary]
     top = summary.sort_values("objective", ascending=False, na_position="last").head(n)

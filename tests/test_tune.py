@@ -8,6 +8,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ import pytest
 from fer_core.data import image_id
 from study import evaluate
 from study.experiment import load_experiment
-from study.results import best_trial
+from study.results import best_trial, summary_table
 from study.trainable import make_trainers
 from tests.helpers import bar_dataset
 
@@ -49,6 +50,16 @@ def test_best_trial_is_chosen_by_validation_not_by_test_folds():
     assert best_trial(summary)["trial_id"] == "a"
 
 
+def test_summary_keeps_epochs_run_apart_from_a_searched_epoch_budget():
+    def result(tid, ran, budget, done):
+        metrics = {"trial_id": tid, "training_iteration": ran, **({"cv_macro_f1": 0.7} if done else {})}
+        return SimpleNamespace(metrics=metrics, config={"arch": "main", "epochs": budget}, error=None)
+
+    summary = summary_table([result("a", 6, 40, False), result("b", 20, 20, True)]).set_index("trial_id")
+    assert summary.loc["a", ["epochs_run", "epochs", "status"]].tolist() == [6, 40, "pruned"]
+    assert summary.loc["b", ["epochs_run", "epochs", "status"]].tolist() == [20, 20, "completed"]
+
+
 def run_tune(args, results_dir):
     from study import tune
 
@@ -69,6 +80,9 @@ def test_smoke_study_writes_tables_best_config_and_a_usable_model(tmp_path):
     chosen = summary.loc[summary["trial_id"] == best["trial_id"]].iloc[0]
     assert best["scores"]["cv_macro_f1"] == pytest.approx(chosen["cv_macro_f1"])
     assert best["train"]["arch"] == chosen["arch"]
+    # epochs a trial ran (not overwritten by a searched "epochs" budget) agrees with its per-epoch rows
+    ran = trials.groupby("trial_id")["epoch"].max() + 1  # epochs are numbered from 0
+    assert summary.set_index("trial_id")["epochs_run"].sort_index().tolist() == ran.sort_index().tolist()
     assert (out / "config.toml").is_file() and (out / "command.txt").is_file()
     assert list((out / "tune").glob("*/events.out.tfevents.*")), "no TensorBoard logs"
     # the refit model runs on data it has not seen
