@@ -112,7 +112,8 @@ def main() -> None:
     else:
         base = scores["default recipe"]
     best = max(rows, key=lambda row: row[2])
-    print(f"default recipe (main): 5-fold macro-F1 {base.mean():.4f} ± {base.std(ddof=1):.4f}")
+    print(f"default recipe (main): 5-fold macro-F1 {base.mean():.4f} ± {base.std(ddof=1):.4f} "
+          f"(folds {', '.join(f'{v:.3f}' for v in base)})")
     print(f"tuned best (trial {best[0]}, {best[1]}): 5-fold macro-F1 {best[2]:.4f} ± {best[3]:.4f} "
           f"(target >= 0.85: {'met' if best[2] >= 0.85 else 'NOT met'})")
     print(f"best.toml of the study: {tomllib.loads((study / 'best.toml').read_text())['scores']}")
