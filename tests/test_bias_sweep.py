@@ -1,9 +1,9 @@
 """study.bias_sweep end to end: planted effects found, unplanted ones not, fixed test folds, tables, resume.
 
-The ground truth is ``experiments/bias_synthetic.toml`` at a small size (800 faces, 2 folds x 2 seeds,
-representational levels 0.5 and 1, no mitigation; 12 runs): women's expression cues are planted faint
-(a gender gap at level 0), the sweep removes women's training images (the gap must grow from the second
-level on), and nothing is planted on age (its gap and its change must include 0).
+The ground truth is ``experiments/bias_synthetic.toml`` without its mitigations and with two levels (1200
+faces, 3 folds x 2 seeds, representational levels 0.5 and 1; 18 runs): women's expression cues are
+planted faint (a gender gap at level 0), the sweep removes women's training images (the gap must grow from
+the second level on), and nothing is planted on age (its gap and its change must include 0).
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ from study.sweep_config import load_sweep, recipes, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "experiments" / "bias_synthetic.toml")
-SMALL = ["data.synthetic.n=800", "split.k=2", "sweep.levels.representational=[0.5, 1.0]",
+SMALL = ["sweep.levels.representational=[0.5, 1.0]",
          "sweep.mitigations=['none']", "sweep.n_boot=50", "resources.dashboard=false"]
 PREDICTION_COLUMNS = {"run_id", "arch", "bias_kind", "bias_level", "mitigation", "fold", "seed", "image_id",
                       "y_true", "y_pred", "p_Focused", "p_Happy", "p_Neutral", "p_Surprised", "gender", "age",
@@ -78,7 +78,7 @@ def test_planted_representational_effect_is_found_from_level_2_up(sweep):
                   & (paired["metric"] == "accuracy_gap")].sort_values("bias_level")
     assert list(rows["bias_level"]) == [0.5, 1.0]
     assert (rows["direction"] == "(Male - Female) run - reference").all()
-    assert (rows["n_pairs"] == 4).all()  # 2 folds x 2 seeds, paired with level 0
+    assert (rows["n_pairs"] == 6).all()  # 3 folds x 2 seeds, paired with level 0
     for _, row in rows.iloc[1:].iterrows():  # the second level on: the gap grows, interval above 0
         assert row["ci_low"] > 0, row
 
@@ -101,9 +101,9 @@ def test_test_folds_are_identical_across_levels_and_cover_the_data_once(preds):
     for fold, runs in per_run.groupby(level="fold"):
         assert runs.nunique() == 1, f"fold {fold}: test images differ between runs"
     folds = [next(iter(runs)) for _, runs in per_run.groupby(level="fold")]
-    assert not folds[0] & folds[1]
-    assert len(folds[0] | folds[1]) == 800
-    assert preds["run_id"].nunique() == 12
+    assert len(folds) == 3
+    assert sum(len(f) for f in folds) == len(frozenset().union(*folds)) == 1200  # disjoint, cover all
+    assert preds["run_id"].nunique() == 18
 
 
 @pytest.mark.ray
@@ -119,7 +119,7 @@ def test_tables_have_the_documented_columns(sweep, preds):
     assert (runs.loc[runs["bias_kind"] == "none", "target_share"] > 0.4).all()
     assert {"attribute", "group", "label", "n"} <= set(pd.read_parquet(out / "composition.parquet").columns)
     assert (out / "config.toml").is_file() and (out / "command.txt").is_file()
-    assert len(list((out / "runs").glob("*.parquet"))) == 12
+    assert len(list((out / "runs").glob("*.parquet"))) == 18
     assert not (out / "failed_runs.json").exists()
 
 
@@ -130,7 +130,7 @@ def test_resume_trains_nothing_when_every_run_is_done(sweep, capsys):
     mtimes = [f.stat().st_mtime_ns for f in files]
     assert bias_sweep.main(args) == 0
     printed = capsys.readouterr().out
-    assert "12 of 12 runs already done" in printed
+    assert "18 of 18 runs already done" in printed
     assert not PROGRESS.search(printed)
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
