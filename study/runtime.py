@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -16,8 +17,26 @@ from study.experiment import ResourcesConfig
 
 logger = logging.getLogger(__name__)
 
+_BUSY = ("port %d on %s is taken (another Ray runtime or study on this machine?); the dashboard uses %d "
+         "instead. Set resources.dashboard_port to choose one")
+_NO_PORT = ("no free port for the Ray dashboard on {0} in {1}-{2}; set resources.dashboard_port to a free "
+            "port, or resources.dashboard = false")
 _PUBLIC = ("dashboard bound to %s: it is reachable from other machines; Ray's token authentication "
            "(~/.ray/auth_token) is what protects it")
+
+
+def free_port(host: str, port: int, tries: int = 50) -> int:
+    """``port`` if it can be bound on ``host``, else the next one that can (``tries`` ports in all)."""
+    for candidate in range(port, port + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, candidate))
+            except OSError:
+                continue
+        if candidate != port:
+            logger.warning(_BUSY, port, host, candidate)
+        return candidate
+    raise RuntimeError(_NO_PORT.format(host, port, port + tries - 1))
 
 
 def start_ray(res: ResourcesConfig, address: str = "") -> str | None:
@@ -37,9 +56,9 @@ def start_ray(res: ResourcesConfig, address: str = "") -> str | None:
     else:
         if res.dashboard and res.dashboard_host not in ("127.0.0.1", "localhost"):
             logger.warning(_PUBLIC, res.dashboard_host)
+        port = free_port(res.dashboard_host, res.dashboard_port) if res.dashboard else res.dashboard_port
         ctx = ray.init(num_cpus=res.num_cpus or None, include_dashboard=res.dashboard,
-                       dashboard_host=res.dashboard_host, dashboard_port=res.dashboard_port,
-                       log_to_driver=False)
+                       dashboard_host=res.dashboard_host, dashboard_port=port, log_to_driver=False)
     url = getattr(ctx, "dashboard_url", None)
     if url:
         url = url if url.startswith("http") else f"http://{url}"
