@@ -103,8 +103,9 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        assert run_tune(["--address", cluster.address, "train.epochs=6", "search.num_samples=4",
-                         "search.scheduler=fifo"], tmp_path) == 0
+        # trials of ~1 s let one reused worker take them all in turn; 20 full epochs make them overlap
+        assert run_tune(["--address", cluster.address, "train.epochs=20", "train.patience=20",
+                         "search.num_samples=4", "search.scheduler=fifo"], tmp_path) == 0
     finally:
         ray.shutdown()
         cluster.shutdown()
