@@ -10,7 +10,8 @@ folds and seeds; a *unit* is one (fold, seed) model inside a run group.
 
 - :func:`fairness_table`: per run group x attribute x group x metric, pooled; bootstrap intervals from
   ``MetricFrame(n_boot=..., ci_quantiles=...)`` for the headline metrics.
-- :func:`unit_metrics`: per unit accuracy, macro-F1 and the signed accuracy gap of every attribute.
+- :func:`unit_metrics`: per unit accuracy, macro-F1 and the signed accuracy and balanced-accuracy gaps
+  of every attribute.
 - :func:`paired_tests`: every bias level against level 0 and every mitigation against none, paired on
   (fold, seed), with ``scipy.stats``; :func:`unit_intervals`: the same statistics of one run group alone.
 
@@ -37,7 +38,11 @@ logger = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 RUN_KEYS = ["arch", "bias_kind", "bias_level", "mitigation"]
 UNIT_KEYS = ["fold", "seed"]
-HEADLINE = ("accuracy", "macro_f1")  # the bootstrapped metrics
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")  # the bootstrapped metrics
+# Signed per-unit gaps between groups. The accuracy gap mixes how well each group's faces are read with
+# which classes the group's faces are in (fer4: most men's images are in the hard Focused/Neutral pair);
+# the balanced-accuracy gap (mean per-class recall) compares the groups class by class, without that mix.
+GAP_METRICS = {"accuracy_gap": "accuracy", "balanced_accuracy_gap": "balanced_accuracy"}
 SUMMARIES = ("overall", "difference", "ratio")  # between-group summary rows of fairness_table
 CI_LEVEL = 0.95
 CI_QUANTILES = [(1 - CI_LEVEL) / 2, 1 - (1 - CI_LEVEL) / 2]
@@ -77,6 +82,18 @@ def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(y_true == y_pred)) if len(y_true) else float("nan")
 
 
+def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Mean recall over the classes present in ``y_true``.
+
+    Equals ``sklearn.metrics.balanced_accuracy_score`` (which warns and skips classes absent from
+    ``y_true``): a group without images of a class is scored on the classes it has.
+    """
+    cm = np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2).reshape(num_classes, -1)
+    support = cm.sum(1)
+    present = support > 0
+    return float(np.mean(np.diag(cm)[present] / support[present])) if present.any() else float("nan")
+
+
 def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     """Macro-F1 over the classes present in ``y_true`` or ``y_pred`` (sklearn's default labels).
 
@@ -107,7 +124,9 @@ def _selection_rate(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> float:
 
 
 def _headline_metrics(num_classes: int) -> dict:
-    return {"accuracy": _accuracy, "macro_f1": functools.partial(_macro_f1, num_classes=num_classes)}
+    return {"accuracy": _accuracy,
+            "balanced_accuracy": functools.partial(_balanced_accuracy, num_classes=num_classes),
+            "macro_f1": functools.partial(_macro_f1, num_classes=num_classes)}
 
 
 def _per_class_metrics(classes: list[str]) -> dict:
@@ -204,11 +223,12 @@ def fairness_table(predictions: pd.DataFrame, attributes: list[str], classes: li
         group value, ``"unknown"`` (only ``metric="count"``: rows with a null attribute, excluded from
         the groups), or a between-group summary over the known rows: ``"overall"``, ``"difference"``
         (largest minus smallest group value) or ``"ratio"`` (smallest over largest). ``metric`` is
-        ``count``, ``accuracy``, ``macro_f1``, ``recall_<class>``, ``selection_rate_<class>`` and, only
+        ``count``, ``accuracy``, ``balanced_accuracy`` (mean per-class recall: the group's accuracy
+        without its class mix), ``macro_f1``, ``recall_<class>``, ``selection_rate_<class>`` and, only
         on ``"difference"`` rows, ``eq_odds_diff_ovr`` and ``dem_parity_diff_ovr`` (one-vs-rest,
         worst class: the largest TPR or FPR difference of any class; the largest selection-rate
         difference of any class). ``ci_low``/``ci_high``: 95% percentile bootstrap of the whole pooled
-        table resampled with replacement, only for ``accuracy`` and ``macro_f1`` (group, overall,
+        table resampled with replacement, only for the :data:`HEADLINE` metrics (group, overall,
         difference, ratio rows); NaN for the other metrics, whose bootstrap would cost
         ``n_boot x metrics x groups`` metric calls. ``n``: rows behind the value. The difference is
         max - min, never negative and biased upward, so its interval excludes 0 even without a true
@@ -354,7 +374,7 @@ def gap_direction(groups: pd.Series, focus: str | None = None
 
 def unit_metrics(predictions: pd.DataFrame, attributes: list[str], *, classes: list[str] | None = None,
                  focus: dict[str, str] | None = None) -> pd.DataFrame:
-    """Accuracy, macro-F1 and the accuracy gap of every attribute, per unit (run group x fold x seed).
+    """Accuracy, macro-F1 and the signed gaps of every attribute, per unit (run group x fold x seed).
 
     Parameters
     ----------
@@ -371,9 +391,11 @@ def unit_metrics(predictions: pd.DataFrame, attributes: list[str], *, classes: l
     -------
     pandas.DataFrame
         Long rows: :data:`RUN_KEYS`, ``fold``, ``seed``, ``attribute`` (``"all"`` for accuracy and
-        macro-F1), ``metric`` (``accuracy``, ``macro_f1``, ``accuracy_gap``), ``direction`` (the gap's
-        sign convention, see :func:`gap_direction`; the metric name otherwise) and ``value``. A unit
-        that lacks one of the two groups has a NaN gap.
+        macro-F1), ``metric`` (``accuracy``, ``macro_f1`` or one of :data:`GAP_METRICS`:
+        ``accuracy_gap``, the difference of the groups' accuracies, and ``balanced_accuracy_gap``, of
+        their mean per-class recalls), ``direction`` (the gap's sign convention, see
+        :func:`gap_direction`; the metric name otherwise) and ``value``. A unit that lacks one of the
+        two groups has a NaN gap.
     """
     _check_columns(predictions, attributes, UNIT_KEYS)
     classes = list(classes) if classes is not None else infer_classes(predictions)
@@ -387,16 +409,18 @@ def unit_metrics(predictions: pd.DataFrame, attributes: list[str], *, classes: l
         direction, sensitive, pair = gap_direction(group_labels(predictions, attr), (focus or {}).get(attr))
         known = sensitive.notna().to_numpy()
         group = pd.Series(sensitive[known].astype(str).to_numpy(), name="group")
-        frame = MetricFrame(metrics=_accuracy, y_true=y_true[known], y_pred=y_pred[known],
-                            sensitive_features=group,
+        head = _headline_metrics(len(classes))
+        frame = MetricFrame(metrics={gap: head[metric] for gap, metric in GAP_METRICS.items()},
+                            y_true=y_true[known], y_pred=y_pred[known], sensitive_features=group,
                             control_features=pd.Series(data["unit"].to_numpy()[known], name="unit"))
-        if pair is None:
-            gap = frame.difference(errors="coerce")
-        else:
-            by_group = frame.by_group.unstack("group")
-            gap = by_group.get(pair[0], np.nan) - by_group.get(pair[1], np.nan)
-        frames.append(units.assign(attribute=attr, metric="accuracy_gap", direction=direction,
-                                   value=gap.reindex(units.index).astype(float)))
+        for gap_metric in GAP_METRICS:
+            if pair is None:
+                gap = frame.difference(errors="coerce")[gap_metric]
+            else:
+                by_group = frame.by_group[gap_metric].unstack("group")
+                gap = by_group.get(pair[0], np.nan) - by_group.get(pair[1], np.nan)
+            frames.append(units.assign(attribute=attr, metric=gap_metric, direction=direction,
+                                       value=gap.reindex(units.index).astype(float)))
     out = pd.concat(frames, ignore_index=True)
     out["bias_level"] = out["bias_level"].astype(float)
     return out
@@ -484,7 +508,7 @@ def paired_tests(predictions: pd.DataFrame, attributes: list[str], *,
     predictions
         The predictions table (needs ``fold`` and ``seed``).
     attributes
-        Attribute columns whose accuracy gap is compared (``"a x b"`` for an intersection).
+        Attribute columns whose gaps are compared (``"a x b"`` for an intersection).
     focus
         Optional ``{attribute: group}`` fixing each gap's sign (see :func:`gap_direction`).
 
@@ -492,18 +516,17 @@ def paired_tests(predictions: pd.DataFrame, attributes: list[str], *,
     -------
     pandas.DataFrame
         Columns :data:`PAIRED_COLUMNS` plus ``config_hash`` and ``version``. One row per run group x
-        comparison x metric. ``comparison="bias"``: against the same arch and mitigation at level 0
-        of the same bias kind when that run group exists (a size-matched stereotypical sweep), else
-        at ``bias_kind="none"``, level 0; ``"mitigation"``: against the same arch, bias kind and level
-        without mitigation (a biased, mitigated run group gets both rows). ``reference`` names the
-        reference run group. ``metric`` is ``accuracy``, ``macro_f1`` (``attribute="all"``) or
-        ``accuracy_gap`` of ``attribute``; ``direction`` spells the sign: ``mean_diff`` is always run
-        minus reference, of a gap defined as in ``direction`` (e.g. ``(Male - Female) run -
-        reference``). Units are paired on (fold, seed) and units with a NaN value dropped; ``n_pairs``
-        says how many remain. ``ci_low``/``ci_high``: 95% t interval of the mean difference;
-        ``effect_size``: Cohen's d_z (mean / sd of the differences); ``p_value``: ``ttest_rel``;
-        ``p_wilcoxon``: Wilcoxon signed-rank from 6 pairs on (NaN below). A missing reference run group
-        is logged and skipped.
+        comparison x metric. ``comparison="bias"``: against the same arch and mitigation at level 0 of the
+        same bias kind when that run group exists (a size-matched stereotypical sweep), else at
+        ``bias_kind="none"``, level 0; ``"mitigation"``: against the same arch, bias kind and level without
+        mitigation (a biased, mitigated run group gets both rows). ``reference`` names the reference run
+        group. ``metric`` is ``accuracy``, ``macro_f1`` (``attribute="all"``) or a gap of ``attribute``
+        (:data:`GAP_METRICS`, see :func:`unit_metrics`); ``direction`` spells the sign: ``mean_diff`` is
+        always run minus reference, of a gap defined as in ``direction`` (e.g. ``(Male - Female) run -
+        reference``). Units are paired on (fold, seed) and units with a NaN value dropped; ``n_pairs`` says
+        how many remain. ``ci_low``/``ci_high``: 95% t interval of the mean difference; ``effect_size``:
+        Cohen's d_z (mean / sd of the differences); ``p_value``: ``ttest_rel``; ``p_wilcoxon``: Wilcoxon
+        signed-rank from 6 pairs on (NaN below). A missing reference run group is logged and skipped.
     """
     units = unit_metrics(predictions, attributes, focus=focus)
     keyed = {_run_key(k): g for k, g in units.groupby(RUN_KEYS, sort=True, dropna=False)}
@@ -528,7 +551,7 @@ def paired_tests(predictions: pd.DataFrame, attributes: list[str], *,
 
 
 def _paired_direction(metric: str, direction: str) -> str:
-    return f"({direction}) run - reference" if metric == "accuracy_gap" else "run - reference"
+    return f"({direction}) run - reference" if metric in GAP_METRICS else "run - reference"
 
 
 def unit_intervals(predictions: pd.DataFrame, attributes: list[str], *,
@@ -556,7 +579,7 @@ def unit_intervals(predictions: pd.DataFrame, attributes: list[str], *,
     rows = []
     for key, g in units.groupby([*RUN_KEYS, "attribute", "metric", "direction"], sort=True, dropna=False):
         summary = _t_summary(g["value"].dropna().to_numpy(), wilcoxon=False)
-        if key[-2] != "accuracy_gap":
+        if key[-2] not in GAP_METRICS:
             summary["p_value"] = np.nan
         rows.append({**dict(zip([*RUN_KEYS, "attribute", "metric", "direction"], key, strict=True)),
                      "n_units": summary["n_pairs"], "mean": summary["mean_diff"],

@@ -319,13 +319,13 @@ def focus_groups(exp: SweepExperiment) -> dict[str, str]:
 
 
 def summary_lines(preds: pd.DataFrame, exp: SweepExperiment) -> list[str]:
-    """One line per run group: accuracy, macro-F1 and the target attribute's signed gap, 95% t intervals."""
+    """One line per run group: accuracy, macro-F1 and the target attribute's signed gaps, 95% t intervals."""
     stats = unit_intervals(preds, [exp.sweep.attr], focus=focus_groups(exp)).set_index("metric")
     lines = []
     for key, g in stats.groupby(RUN_KEYS, sort=False):
         arch, kind, level, mitigation = key
         cells = [f"{m} {g.loc[m, 'mean']:.3f} [{g.loc[m, 'ci_low']:.3f}, {g.loc[m, 'ci_high']:.3f}]"
-                 for m in ("accuracy", "macro_f1", "accuracy_gap") if m in g.index]
+                 for m in ("accuracy", "macro_f1", "accuracy_gap", "balanced_accuracy_gap") if m in g.index]
         gap_dir = g.loc["accuracy_gap", "direction"] if "accuracy_gap" in g.index else ""
         lines.append(f"{arch:9s} {kind:16s} {level:<5g} {mitigation:9s} n={int(g['n_units'].iloc[0])}: "
                      + "  ".join(cells) + f"  ({gap_dir})")

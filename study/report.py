@@ -42,6 +42,7 @@ from fer_core.fairness import (  # noqa: E402
     BASELINE_KIND,
     BASELINE_LEVEL,
     CROSS,
+    GAP_METRICS,
     NO_MITIGATION,
     RUN_KEYS,
     UNKNOWN,
@@ -54,6 +55,8 @@ from fer_core.fairness import (  # noqa: E402
 from study.common import setup_logging, write_table  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+GAP_NAMES = {"accuracy_gap": "gap", "balanced_accuracy_gap": "balanced gap"}  # short labels of GAP_METRICS
 
 NOT_ATTRIBUTES = {"run_id", "arch", "bias_kind", "bias_level", "mitigation", "fold", "seed", "split_seed",
                   "image_id", "y_true", "y_pred", "config_hash", "version", "subset", "label", "source_path"}
@@ -294,8 +297,11 @@ def section_gaps(t: Tables) -> list[str]:
              "Per-group accuracy pooled over folds x seeds with 95% bootstrap intervals (fairness.parquet); "
              "`difference` = largest minus smallest group accuracy (never negative); `signed gap` = mean "
              "over units of the gap in the stated direction with a 95% t interval and a one-sample "
-             "t-test; `EO`/`DP` = worst-class one-vs-rest equalized-odds / demographic-parity "
-             "differences.", ""]
+             "t-test; `balanced gap` = the same for balanced accuracy (mean per-class recall), which "
+             "compares the groups class by class: when the two gaps differ, part of the accuracy gap is "
+             "the groups' class mix (one group's faces are more often in classes that are hard for "
+             "everyone), not errors on that group's faces; `EO`/`DP` = worst-class one-vs-rest "
+             "equalized-odds / demographic-parity differences.", ""]
     fair = _baseline(t.fairness)
     gaps = _baseline(t.intervals)
     for attr in t.attributes:
@@ -314,11 +320,13 @@ def _gap_row(arch: str, mitigation: str, fair: pd.DataFrame, gaps: pd.DataFrame,
                 for g in groups})
     if "difference" in acc.index:
         row["difference"] = fmt_ci(*acc.loc["difference", ["value", "ci_low", "ci_high"]])
-    s = gaps[(gaps["arch"] == arch) & (gaps["mitigation"] == mitigation) & (gaps["attribute"] == attr)]
-    if len(s):
-        s = s.iloc[0]
-        row["signed gap"] = f"{s['direction']}: {fmt_ci(s['mean'], s['ci_low'], s['ci_high'], True)}"
-        row["p"] = fmt_p(s["p_value"])
+    mine = gaps[(gaps["arch"] == arch) & (gaps["mitigation"] == mitigation) & (gaps["attribute"] == attr)]
+    for metric, name in (("accuracy_gap", "signed gap"), ("balanced_accuracy_gap", "balanced gap")):
+        s = mine[mine["metric"] == metric]
+        if len(s):
+            s = s.iloc[0]
+            row[name] = f"{s['direction']}: {fmt_ci(s['mean'], s['ci_low'], s['ci_high'], True)}"
+            row[f"p ({name})"] = fmt_p(s["p_value"])
     other = fair[fair["group"] == "difference"].set_index("metric")["value"]
     for name, metric in (("EO", "eq_odds_diff_ovr"), ("DP", "dem_parity_diff_ovr")):
         row[name] = f"{other.get(metric, np.nan):.3f}"
@@ -359,8 +367,8 @@ def _diff_table(rows: pd.DataFrame) -> pd.DataFrame:
         line = dict(zip(RUN_KEYS, key, strict=True))
         line["pairs"] = int(g["n_pairs"].max())
         for r in g.itertuples(index=False):
-            name = r.metric if r.metric != "accuracy_gap" else \
-                f"gap {r.attribute} ({_gap_direction(r.direction)})"
+            name = r.metric if r.metric not in GAP_METRICS else \
+                f"{GAP_NAMES[r.metric]} {r.attribute} ({_gap_direction(r.direction)})"
             line[f"Δ {name}"] = f"{fmt_ci(r.mean_diff, r.ci_low, r.ci_high, True)} (p {fmt_p(r.p_value)})"
         out.append(line)
     return pd.DataFrame(out)
@@ -393,20 +401,31 @@ def _best_finding(t: Tables) -> list[str]:
 def _gap_findings(t: Tables) -> list[str]:
     out = []
     gaps = _baseline(t.intervals, NO_MITIGATION)
+    balanced = gaps[gaps["metric"] == "balanced_accuracy_gap"].set_index(["arch", "attribute"])
     for r in gaps[gaps["metric"] == "accuracy_gap"].itertuples():
         ci = fmt_ci(r.mean, r.ci_low, r.ci_high, signed=True)
-        if r.direction == "max - min":
-            out.append(f"{r.arch}, level 0: accuracy across {r.attribute} groups spans {ci} on average "
-                       "per fold (largest minus smallest; never negative, so not a test of no gap).")
-        elif _excludes_zero(r.ci_low, r.ci_high):
-            hi, lo = r.direction.split(" - ")
-            worse, better = (lo, hi) if r.mean > 0 else (hi, lo)
-            out.append(f"{r.arch}, level 0: {worse} faces are recognised less accurately than {better} "
-                       f"faces (gap {r.direction} {ci}, p {fmt_p(r.p_value)}).")
-        else:
-            out.append(f"{r.arch}, level 0: no detectable {r.attribute} gap ({r.direction} {ci}, "
-                       f"p {fmt_p(r.p_value)}).")
+        out.append(_one_gap_finding(r, ci))
+        if (r.arch, r.attribute) in balanced.index and r.direction != "max - min":
+            b = balanced.loc[(r.arch, r.attribute)]
+            verdict = "excludes 0" if _excludes_zero(b.ci_low, b.ci_high) else "does not exclude 0"
+            out.append(f"{r.arch}, level 0, class by class: the {r.attribute} gap in balanced accuracy "
+                       f"(mean per-class recall) is {fmt_ci(b['mean'], b.ci_low, b.ci_high, signed=True)} "
+                       f"({verdict}, p {fmt_p(b.p_value)}); where it differs from the accuracy gap, the "
+                       "difference comes from the groups' class mix, not from how well their faces are read.")
     return out
+
+
+def _one_gap_finding(r, ci: str) -> str:
+    """The level-0 accuracy gap of one arch x attribute in words (``r``: a row of the intervals)."""
+    if r.direction == "max - min":
+        return (f"{r.arch}, level 0: accuracy across {r.attribute} groups spans {ci} on average per fold "
+                "(largest minus smallest; never negative, so not a test of no gap).")
+    if _excludes_zero(r.ci_low, r.ci_high):
+        hi, lo = r.direction.split(" - ")
+        worse, better = (lo, hi) if r.mean > 0 else (hi, lo)
+        return (f"{r.arch}, level 0: {worse} faces are recognised less accurately than {better} faces "
+                f"(gap {r.direction} {ci}, p {fmt_p(r.p_value)}).")
+    return f"{r.arch}, level 0: no detectable {r.attribute} gap ({r.direction} {ci}, p {fmt_p(r.p_value)})."
 
 
 def _bias_findings(t: Tables) -> list[str]:
@@ -415,8 +434,8 @@ def _bias_findings(t: Tables) -> list[str]:
     rows = t.paired[(t.paired["comparison"] == "bias") & (t.paired["mitigation"] == NO_MITIGATION)
                     & (t.paired["metric"] != "macro_f1")]
     for (kind, arch, attr, metric), g in rows.groupby(["bias_kind", "arch", "attribute", "metric"]):
-        what = f"the {attr} gap ({_gap_direction(g['direction'].iloc[0])})" if metric == "accuracy_gap" \
-            else metric
+        what = f"the {attr} {GAP_NAMES[metric]} ({_gap_direction(g['direction'].iloc[0])})" \
+            if metric in GAP_METRICS else metric
         g = g.sort_values("bias_level")
         own_zero = g[g["bias_level"] == BASELINE_LEVEL]  # a size-matched level 0 against the baseline
         g = g[g["bias_level"] != BASELINE_LEVEL]
@@ -445,20 +464,21 @@ def _mitigation_findings(t: Tables, top: int = 3) -> list[str]:
     means = t.intervals.set_index([*RUN_KEYS, "attribute", "metric"])["mean"]
     out = []
     for mitigation, g in rows.groupby("mitigation"):
-        gaps = g[g["metric"] == "accuracy_gap"].copy()
+        gaps = g[g["metric"].isin(list(GAP_METRICS))].copy()
         ref = [means.get((r.arch, r.bias_kind, r.bias_level, NO_MITIGATION, r.attribute, r.metric), np.nan)
                for r in gaps.itertuples()]
         gaps["narrows"] = np.abs(np.asarray(ref) + gaps["mean_diff"].to_numpy()) < np.abs(ref)
         hits = gaps[[_excludes_zero(lo, hi) for lo, hi in zip(gaps["ci_low"], gaps["ci_high"], strict=True)]]
         cost = g[g["metric"] == "macro_f1"]["mean_diff"]
-        line = (f"{mitigation} vs no mitigation: {len(hits)} of {len(gaps)} gap comparisons move "
+        line = (f"{mitigation} vs no mitigation: {len(hits)} of {len(gaps)} comparisons of accuracy or "
+                f"balanced gaps move "
                 f"(interval excludes 0; {int(hits['narrows'].sum())} narrow, {int((~hits['narrows']).sum())} "
                 f"widen); macro-F1 change median {cost.median():+.3f} (range {cost.min():+.3f} to "
                 f"{cost.max():+.3f}).")
         largest = hits.reindex(hits["mean_diff"].abs().sort_values(ascending=False).index[:top])
         if len(largest):
             line += " Largest: " + "; ".join(
-                f"{r.attribute} gap of {r.arch} at {r.bias_kind} {r.bias_level:g} "
+                f"{r.attribute} {GAP_NAMES[r.metric]} of {r.arch} at {r.bias_kind} {r.bias_level:g} "
                 f"{fmt_ci(r.mean_diff, r.ci_low, r.ci_high, True)} (p {fmt_p(r.p_value)})"
                 for r in largest.itertuples()) + "."
         out.append(line)
@@ -523,7 +543,7 @@ def plot_vs_level(intervals: pd.DataFrame, kind: str, panels: list[tuple[str, st
                 x = g["bias_level"] + (k - (len(mitigations) - 1) / 2) * 0.012 * span  # dodge the bars
                 ax.errorbar(x, g["mean"], yerr=[g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]],
                             marker="o", ms=4, capsize=3, color=colors[mit], label=mit)
-            if metric == "accuracy_gap":
+            if metric in GAP_METRICS:
                 ax.axhline(0, color="0.5", lw=0.8, ls="--")
             ax.set_title(arch if i == 0 else "")
             ax.grid(alpha=0.3)
@@ -540,10 +560,10 @@ def plot_vs_level(intervals: pd.DataFrame, kind: str, panels: list[tuple[str, st
 
 
 def _panel_label(rows: pd.DataFrame, attr: str, metric: str) -> str:
-    if metric != "accuracy_gap":
+    if metric not in GAP_METRICS:
         return metric.replace("_", "-")
     direction = rows["direction"].iloc[0] if len(rows) else ""
-    return f"{attr} accuracy gap\n({direction})"
+    return f"{attr} {GAP_METRICS[metric].replace('_', ' ')} gap\n({direction})"
 
 
 def plot_confusions(predictions: pd.DataFrame, attribute: str, classes: list[str], path: Path) -> Path:
@@ -678,7 +698,7 @@ def write_report(t: Tables, out: Path, cfg: ReportConfig, source: Path | None = 
     for kind in kinds:
         plot_vs_level(t.intervals, kind, [("all", "accuracy"), ("all", "macro_f1")],
                       out / f"accuracy_vs_level_{kind}.png")
-        plot_vs_level(t.intervals, kind, [(a, "accuracy_gap") for a in t.attributes],
+        plot_vs_level(t.intervals, kind, [(a, m) for a in t.attributes for m in GAP_METRICS],
                       out / f"gap_vs_level_{kind}.png")
     for attr in t.attributes:
         plot_confusions(t.predictions, attr, t.classes, out / f"confusion_{attr}.png")

@@ -4,13 +4,14 @@ paired tests against scipy.stats run by hand on tables with a known planted gap.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 from scipy import stats
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, recall_score
 
 from fer_core.fairness import (
     FAIRNESS_COLUMNS,
@@ -67,6 +68,13 @@ def _group_masks(run: pd.DataFrame, attribute: str) -> dict[str, np.ndarray]:
     return {v: (labels == v).to_numpy() for v in labels.dropna().unique()}
 
 
+def _sklearn_balanced(y_true, y_pred) -> float:
+    """sklearn's balanced accuracy; it warns when a small group lacks a class, then skips that class."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true", UserWarning)
+        return balanced_accuracy_score(y_true, y_pred)
+
+
 @pytest.fixture(scope="module")
 def preds():
     return _predictions()
@@ -101,6 +109,8 @@ def test_group_metrics_match_sklearn_on_masked_subsets(preds, table, attribute):
             assert _value(table, key, attribute, group, "accuracy") == pytest.approx(accuracy_score(yt, yp))
             assert _value(table, key, attribute, group, "macro_f1") == pytest.approx(
                 f1_score(yt, yp, average="macro", zero_division=0))
+            assert _value(table, key, attribute, group, "balanced_accuracy") == pytest.approx(
+                _sklearn_balanced(yt, yp))
             for c in CLASSES:
                 assert _value(table, key, attribute, group, f"recall_{c}") == pytest.approx(
                     recall_score(yt == c, yp == c, zero_division=np.nan), nan_ok=True)  # NaN: class absent
@@ -142,14 +152,15 @@ def test_one_vs_rest_equalized_odds_and_parity_against_fairlearn_loop(preds, tab
 
 
 def test_bootstrap_intervals_bracket_point_estimates(table):
-    head = table[table["metric"].isin(["accuracy", "macro_f1"]) & (table["group"] != "difference")
+    headline = ["accuracy", "balanced_accuracy", "macro_f1"]
+    head = table[table["metric"].isin(headline) & (table["group"] != "difference")
                  & (table["group"] != "ratio")]
     assert head[["ci_low", "ci_high"]].notna().all().all()
     assert (head["ci_low"] <= head["value"] + 1e-12).all()
     assert (head["value"] <= head["ci_high"] + 1e-12).all()
     diff = table[(table["group"] == "difference") & (table["metric"] == "accuracy")]
     assert diff[["ci_low", "ci_high"]].notna().all().all() and (diff["ci_low"] <= diff["ci_high"]).all()
-    rest = table[~table["metric"].isin(["accuracy", "macro_f1"])]
+    rest = table[~table["metric"].isin(headline)]
     assert rest[["ci_low", "ci_high"]].isna().all().all()  # point values only (documented)
 
 
@@ -232,6 +243,14 @@ def _gaps_by_hand(frame: pd.DataFrame, level: float) -> np.ndarray:
     ok = rows["y_true"] == rows["y_pred"]
     acc = ok.groupby([rows["fold"], rows["gender"]]).mean().unstack()
     return (acc["Male"] - acc["Female"]).to_numpy()
+
+
+def _balanced_gaps_by_hand(frame: pd.DataFrame, level: float) -> np.ndarray:
+    def balanced(fold: pd.DataFrame, gender: str) -> float:
+        rows = fold[fold["gender"] == gender]
+        return balanced_accuracy_score(rows["y_true"], rows["y_pred"])
+    rows = frame[frame["bias_level"] == level]
+    return np.array([balanced(g, "Male") - balanced(g, "Female") for _, g in rows.groupby("fold")])
 
 
 def _row(paired, metric, attribute):
@@ -332,6 +351,8 @@ def test_unit_metrics_and_intervals_by_hand():
     units = unit_metrics(frame, ["gender"], classes=CLASSES)
     gap = units[(units["metric"] == "accuracy_gap") & (units["bias_level"] == 0.5)].sort_values("fold")
     np.testing.assert_allclose(gap["value"], _gaps_by_hand(frame, 0.5))
+    balanced = units[(units["metric"] == "balanced_accuracy_gap") & (units["bias_level"] == 0.5)]
+    np.testing.assert_allclose(balanced.sort_values("fold")["value"], _balanced_gaps_by_hand(frame, 0.5))
     acc = units[(units["metric"] == "accuracy") & (units["bias_level"] == 0.0)].sort_values("fold")
     rows = frame[frame["bias_level"] == 0.0]
     np.testing.assert_allclose(acc["value"], (rows["y_true"] == rows["y_pred"]).groupby(rows["fold"]).mean())
@@ -353,3 +374,35 @@ def test_unit_metrics_do_not_depend_on_row_order():
     by_hand = (rows["y_true"] == rows["y_pred"]).groupby(rows["fold"]).mean().to_numpy()
     got = b[(b["mitigation"] == "groupdro") & (b["bias_level"] == 0.5) & (b["metric"] == "accuracy")]
     np.testing.assert_allclose(got.sort_values("fold")["value"], by_hand)
+
+
+def test_balanced_gap_separates_class_mix_from_per_class_errors():
+    """Both groups are read equally well inside every class, but one group's faces sit in the hard class:
+    the accuracy gap shows the class mix, the balanced-accuracy gap is 0 and its paired test finds no
+    effect; then Female faces lose recall in one class and the balanced gap moves by the planted amount."""
+    n_per = 100
+    parts = []
+    for level, female_loss in ((0.0, 0.0), (0.5, 0.4)):
+        for fold in range(4):
+            rows = []
+            for c, female_share in (("Focused", 0.2), ("Happy", 0.8)):  # Focused: hard, mostly male
+                hit = 0.6 if c == "Focused" else 0.95
+                for gender, count in (("Female", int(n_per * female_share)),
+                                      ("Male", n_per - int(n_per * female_share))):
+                    rate = hit - (female_loss if (gender, c) == ("Female", "Happy") else 0.0)
+                    right = np.arange(count) < round(rate * count)
+                    wrong = "Happy" if c == "Focused" else "Focused"
+                    rows.append(pd.DataFrame({"y_true": c, "y_pred": np.where(right, c, wrong),
+                                              "gender": gender}))
+            kind = "representational" if level else "none"
+            parts.append(pd.concat(rows).assign(arch="main", bias_kind=kind, bias_level=level,
+                                                mitigation="none", fold=fold, seed=0))
+    frame = pd.concat(parts, ignore_index=True)
+    units = unit_metrics(frame, ["gender"], classes=["Focused", "Happy"])
+    at = units[units["bias_level"] == 0.0].set_index("metric")["value"].groupby(level=0).mean()
+    # Male: 80 Focused at 0.6 + 20 Happy at 0.95 = 0.67; Female: 20 at 0.6 + 80 at 0.95 = 0.88
+    assert at["accuracy_gap"] == pytest.approx(0.67 - 0.88)
+    assert at["balanced_accuracy_gap"] == pytest.approx(0.0, abs=1e-12)
+    row = _row(paired_tests(frame, ["gender"]), "balanced_accuracy_gap", "gender")
+    assert row["mean_diff"] == pytest.approx(0.4 / 2)  # Female Happy recall -0.4, one of two classes
+    assert row["direction"] == "(Male - Female) run - reference"

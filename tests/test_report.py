@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fer_core.fairness import RUN_KEYS, fairness_table
+from fer_core.fairness import RUN_KEYS, fairness_table, unit_intervals
 from study.common import write_table
 from study.report import fmt_ci, main, pareto_front, read_composition
 
@@ -77,6 +77,11 @@ def test_report_from_tables_alone(results, tmp_path):
                       & (fair["metric"] == "accuracy")].iloc[0]
         assert fmt_ci(female["value"], female["ci_low"], female["ci_high"]) in text
     assert "Male - Female" in text
+    intervals = unit_intervals(pd.read_parquet(results / "predictions.parquet"), ["gender"])
+    for metric in ("accuracy_gap", "balanced_accuracy_gap"):  # the signed and the class-by-class gap
+        row = intervals[(intervals[RUN_KEYS].apply(tuple, axis=1) == ("main", "none", 0.0, "none"))
+                        & (intervals["metric"] == metric)].iloc[0]
+        assert f"Male - Female: {fmt_ci(row['mean'], row['ci_low'], row['ci_high'], True)}" in text
     assert "| Focused | 8 | 7 | 15 |" in text  # composition of the distinct test images: Female, Male, total
     assert not (out / "fairness.parquet").exists()  # read, not recomputed
 
