@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from fer_core.config import TrainConfig, to_dict, to_toml
-from fer_core.fairness import FAIRNESS_COLUMNS, PAIRED_COLUMNS, unit_intervals
+from fer_core.fairness import FAIRNESS_COLUMNS, GAP_METRICS, PAIRED_COLUMNS, unit_intervals
 from study import bias_sweep
 from study.sweep_config import load_sweep, recipes, run_grid
 
@@ -66,32 +66,35 @@ def test_planted_gender_gap_at_level_0_is_found(sweep, preds):
     assert acc.loc["Male", "value"] > acc.loc["Female", "value"]  # women's cues were planted faint
     assert acc.loc["difference", "ci_low"] > 0
     signed = unit_intervals(level0(preds), ["gender"], focus={"gender": "Female"})
-    gap = signed[signed["metric"] == "accuracy_gap"].iloc[0]
-    assert gap["direction"] == "Male - Female"
-    assert gap["ci_low"] > 0, gap
+    for metric in GAP_METRICS:  # faint cues in every class: found overall and class by class
+        gap = signed[signed["metric"] == metric].iloc[0]
+        assert gap["direction"] == "Male - Female"
+        assert gap["ci_low"] > 0, gap
 
 
 @pytest.mark.ray
 def test_planted_representational_effect_is_found_from_level_2_up(sweep):
     paired = pd.read_parquet(sweep[0] / "paired.parquet")
-    rows = paired[(paired["comparison"] == "bias") & (paired["attribute"] == "gender")
-                  & (paired["metric"] == "accuracy_gap")].sort_values("bias_level")
-    assert list(rows["bias_level"]) == [0.5, 1.0]
-    assert (rows["direction"] == "(Male - Female) run - reference").all()
-    assert (rows["n_pairs"] == 6).all()  # 3 folds x 2 seeds, paired with level 0
-    for _, row in rows.iloc[1:].iterrows():  # the second level on: the gap grows, interval above 0
-        assert row["ci_low"] > 0, row
+    for metric in GAP_METRICS:
+        rows = paired[(paired["comparison"] == "bias") & (paired["attribute"] == "gender")
+                      & (paired["metric"] == metric)].sort_values("bias_level")
+        assert list(rows["bias_level"]) == [0.5, 1.0]
+        assert (rows["direction"] == "(Male - Female) run - reference").all()
+        assert (rows["n_pairs"] == 6).all()  # 3 folds x 2 seeds, paired with level 0
+        for _, row in rows.iloc[1:].iterrows():  # the second level on: the gap grows, interval above 0
+            assert row["ci_low"] > 0, row
 
 
 @pytest.mark.ray
 def test_no_effect_where_none_was_planted(sweep, preds):
     signed = unit_intervals(level0(preds), ["age"], focus={"age": "Baby"})
-    gap = signed[signed["metric"] == "accuracy_gap"].iloc[0]
-    assert gap["direction"] == "Adult - Baby"
-    assert gap["ci_low"] < 0 < gap["ci_high"], gap
+    for metric in GAP_METRICS:
+        gap = signed[signed["metric"] == metric].iloc[0]
+        assert gap["direction"] == "Adult - Baby"
+        assert gap["ci_low"] < 0 < gap["ci_high"], gap
     paired = pd.read_parquet(sweep[0] / "paired.parquet")
     age = paired[(paired["comparison"] == "bias") & (paired["attribute"] == "age")]
-    assert len(age) == 2
+    assert sorted(age["metric"]) == sorted(2 * list(GAP_METRICS))  # levels 0.5 and 1.0
     assert ((age["ci_low"] < 0) & (age["ci_high"] > 0)).all(), age
 
 
