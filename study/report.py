@@ -58,7 +58,8 @@ logger = logging.getLogger(__name__)
 
 GAP_NAMES = {"accuracy_gap": "gap", "balanced_accuracy_gap": "balanced gap"}  # short labels of GAP_METRICS
 
-NOT_ATTRIBUTES = {"run_id", "arch", "bias_kind", "bias_level", "mitigation", "fold", "seed", "split_seed",
+NOT_ATTRIBUTES = {"run_id", "arch", "bias_kind", "bias_level", "bias_attr", "bias_group", "mitigation",
+                  "fold", "seed", "split_seed",
                   "image_id", "y_true", "y_pred", "config_hash", "version", "subset", "label", "source_path"}
 CLASSES = ("Focused", "Happy", "Neutral", "Surprised")
 _NO_PREDICTIONS = ("{0}: no predictions.parquet; pass the results folder of `python -m study.bias_sweep` "
@@ -623,7 +624,8 @@ def plot_composition(composition: pd.DataFrame, classes: list[str], path: Path) 
 def _pareto_points(fairness: pd.DataFrame, attribute: str) -> pd.DataFrame:
     """Per run group: pooled accuracy (``overall``) and accuracy difference of ``attribute``, with CIs."""
     rows = fairness[(fairness["attribute"] == attribute) & (fairness["metric"] == "accuracy")]
-    wide = rows.pivot_table(index=RUN_KEYS, columns="group", values=["value", "ci_low", "ci_high"])
+    # unstack, not pivot_table: that drops the all-NaN intervals of a table without bootstrap
+    wide = rows.set_index([*RUN_KEYS, "group"])[["value", "ci_low", "ci_high"]].unstack("group")
     if "difference" not in wide["value"]:
         return pd.DataFrame(columns=[*RUN_KEYS, "accuracy", "gap"])
     out = pd.DataFrame({"accuracy": wide["value"]["overall"], "gap": wide["value"]["difference"],
@@ -639,7 +641,7 @@ def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
         dominated = ((points["accuracy"] >= r.accuracy) & (points["gap"] <= r.gap)
                      & ((points["accuracy"] > r.accuracy) | (points["gap"] < r.gap))).any()
         keep.append(not dominated)
-    return points[keep].sort_values("gap")
+    return points[np.asarray(keep, dtype=bool)].sort_values("gap")
 
 
 def plot_pareto(fairness: pd.DataFrame, attributes: list[str], path: Path) -> Path:

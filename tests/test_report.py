@@ -99,6 +99,16 @@ def test_missing_fairness_and_paired_tables_are_computed_and_saved(tmp_path):
     assert (planted["mean_diff"] > 0.2).all()  # Female accuracy drops by 0.5 at level 0.5
 
 
+def test_attributes_found_in_a_sweeps_predictions_without_fairness_table(tmp_path):
+    """The sweep's predictions also name the bias target (bias_attr, bias_group): not attributes."""
+    results = tmp_path / "res"
+    results.mkdir()
+    write_table(_handmade().assign(bias_attr="gender", bias_group="Female"), results / "predictions.parquet")
+    assert main([str(results), "n_boot=0"]) == 0
+    fair = pd.read_parquet(results / "fairness.parquet")
+    assert set(fair["attribute"]) == {"gender", "age", "gender x age"}
+
+
 def test_a_size_matched_stereotypical_kind_is_measured_from_its_own_level_zero(tmp_path):
     frame = _handmade()
     biased = frame[frame["bias_kind"] == "representational"]
@@ -136,6 +146,7 @@ def test_pareto_front_by_hand():
     points = pd.DataFrame({"accuracy": [0.9, 0.8, 0.85, 0.7, 0.9], "gap": [0.2, 0.05, 0.1, 0.3, 0.25]})
     front = pareto_front(points)
     assert front.index.tolist() == [1, 2, 0]  # by increasing gap; 3 and 4 are dominated
+    assert pareto_front(points.iloc[:0]).empty
 
 
 def test_smoke_test(tmp_path):
