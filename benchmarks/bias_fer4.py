@@ -145,12 +145,28 @@ def bias_effects(paired: pd.DataFrame) -> None:
         print(f"{arch:9s} {kind:16s} {level:<5g} " + "; ".join(cells))
 
 
+def class_recalls(out: Path) -> None:
+    """Recall of every class for women and men (pooled over folds), per arch x condition, no mitigation.
+
+    Where a stereotype acts, it shows here: a group loses recall in the classes it was scarce in.
+    """
+    fair = pd.read_parquet(out / "fairness.parquet")
+    rows = fair[(fair["mitigation"] == "none") & (fair["attribute"] == "gender")
+                & fair["group"].isin(["Female", "Male"]) & fair["metric"].str.startswith("recall_")]
+    print("\n== recall by class, Female / Male (no mitigation; %, pooled over folds) ==")
+    for (arch, kind, level), g in rows.groupby(["arch", "bias_kind", "bias_level"], sort=True):
+        wide = g.pivot_table(index="metric", columns="group", values="value")
+        cells = [f"{m.removeprefix('recall_')} {100 * r['Female']:.1f} / {100 * r['Male']:.1f}"
+                 for m, r in wide.iterrows()]
+        print(f"{arch:9s} {kind:16s} {level:<5g} " + "; ".join(cells))
+
+
 def mitigation_effects(paired: pd.DataFrame, units: pd.DataFrame, metric: str) -> list[dict]:
     """Reduction of the gender gap ``metric`` and macro-F1 cost of every mitigation at every condition."""
     rows = paired[paired["comparison"] == "mitigation"]
     gap = units[(units["metric"] == metric) & (units["attribute"] == "gender")
                 & (units["mitigation"] == "none")].set_index(["arch", "bias_kind", "bias_level"])
-    print(f"\n== mitigations vs none at the same condition (gender {LABELS[metric].format('')}, macro-F1; "
+    print(f"\n== mitigations vs none at the same condition ({LABELS[metric].format('gender')}, macro-F1; "
           "points) ==")
     found = []
     for (arch, kind, level, mitigation), g in rows.groupby(
@@ -166,9 +182,15 @@ def mitigation_effects(paired: pd.DataFrame, units: pd.DataFrame, metric: str) -
         found.append({"arch": arch, "kind": kind, "level": level, "mitigation": mitigation,
                       "gap_before": before, "p_before": p_before, "closed": closed,
                       "f1_change": d_f1["mean_diff"]})
+        share = f"{100 * closed:.0f}% closed" if detectable(p_before) else "not detectable"
         print(f"{arch:9s} {kind:16s} {level:<5g} {mitigation:9s} gap change {fmt(d_gap)} of "
-              f"{100 * before:+.1f} ({100 * closed:.0f}% closed); macro-F1 {fmt(d_f1)}")
+              f"{100 * before:+.1f} ({share}); macro-F1 {fmt(d_f1)}")
     return found
+
+
+def detectable(p_value: float) -> bool:
+    """The unmitigated gap's one-sample t-test over folds rejects 0 at 5% (a share of 0 means nothing)."""
+    return bool(p_value < 0.05)
 
 
 def target_verdict(found: list[dict], metric: str) -> None:
@@ -180,12 +202,16 @@ def target_verdict(found: list[dict], metric: str) -> None:
         print("no mitigation comparisons (too few runs)")
         return
     for (arch, kind, level), g in frame.groupby(["arch", "kind", "level"], sort=True):
+        before = g.iloc[0]
+        if not detectable(before["p_before"]):
+            print(f"{arch:9s} {kind:16s} {level:<5g} gap {100 * before['gap_before']:+.1f} "
+                  f"(p {before['p_before']:.3f}): no detectable gap to halve")
+            continue
         ok = g[(g["closed"] >= TARGET_GAP_FRACTION) & (g["f1_change"] >= -TARGET_F1_LOSS)]
         best = g.sort_values("closed", ascending=False).iloc[0]
         verdict = (f"MET by {', '.join(ok['mitigation'])}" if len(ok) else
                    f"NOT met (best {best['mitigation']}: {100 * best['closed']:.0f}% closed, "
                    f"macro-F1 {100 * best['f1_change']:+.1f})")
-        before = g.iloc[0]
         print(f"{arch:9s} {kind:16s} {level:<5g} gap {100 * before['gap_before']:+.1f} "
               f"(p {before['p_before']:.3f}): {verdict}")
 
@@ -199,6 +225,7 @@ def headline(out: Path) -> None:
     units = unit_intervals(preds, ["gender"], focus={"gender": "Female"})
     level0_gaps(out, ["gender", "age"])
     bias_effects(paired)
+    class_recalls(out)
     for metric in ("accuracy_gap", "balanced_accuracy_gap"):
         target_verdict(mitigation_effects(paired, units, metric), metric)
 
