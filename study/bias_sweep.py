@@ -8,7 +8,8 @@ part, trains, and predicts every test image. Without ``--config`` it runs
 ``experiments/bias_synthetic.toml`` (synthetic faces with a planted bias).
 
 Writes ``results/<name>/``: ``config.toml`` and ``command.txt``; ``runs/<run_id>.parquet``, one file per
-finished run, written atomically (its per-run summary is in the file's metadata); then, from those files,
+finished run, written atomically (its per-run summary is in the file's metadata), and, with
+``sweep.save_models`` (the default), the run's model in ``models/<run_id>.pt``; then, from the run files,
 ``predictions.parquet`` (every test image of every run, with its attributes), ``runs.parquet`` (one row
 per run: training-set counts, accuracy, macro-F1, gap, seconds), ``fairness.parquet``
 (``fer_core.fairness.fairness_table``) and ``paired.parquet`` (``fer_core.fairness.paired_tests``: each
@@ -38,6 +39,7 @@ import torch
 
 from fer_core import __version__
 from fer_core.bias import BiasSpec, apply_bias, bias_rng, bias_summary, check_spec
+from fer_core.checkpoint import save_model
 from fer_core.config import config_hash, to_dict
 from fer_core.crossval import train_on_split
 from fer_core.data import BASE_SUBSET, FaceDataset
@@ -113,14 +115,15 @@ def fold_rows(ds: FaceDataset, k: int, split_seed: int) -> list[tuple[np.ndarray
     return [(base[tr], base[te]) for tr, te in kfold_splits(ds.labels[base], ids, k, split_seed)]
 
 
-def run_one(ds: FaceDataset, task: RunTask) -> tuple[pd.DataFrame, dict]:
+def run_one(ds: FaceDataset, task: RunTask) -> tuple[pd.DataFrame, dict, dict]:
     """Bias the fold's training part, train on it, predict the untouched test fold.
 
     Returns
     -------
     tuple
-        The tagged prediction table (one row per test image) and the run's summary (training-set
-        counts, test accuracy, macro-F1, gap of the target attribute, seconds).
+        The tagged prediction table (one row per test image), the run's summary (training-set
+        counts, test accuracy, macro-F1, gap of the target attribute, seconds) and the trained model
+        with its input normalisation (``{"model": module on the CPU, "mean": ..., "std": ...}``).
     """
     torch.set_num_threads(task.threads)
     spec, start = task.spec, time.perf_counter()
@@ -132,7 +135,8 @@ def run_one(ds: FaceDataset, task: RunTask) -> tuple[pd.DataFrame, dict]:
             "macro_f1": run.metrics["macro_f1"], "gap": signed_gap(preds, spec.bias.attr, spec.bias.group),
             "best_epoch": run.metrics["best_epoch"], "epochs_run": run.metrics["epochs_run"],
             "seconds": time.perf_counter() - start}
-    return preds, info
+    trained = {"model": run.result.model.cpu(), "mean": run.result.mean, "std": run.result.std}
+    return preds, info, trained
 
 
 def signed_gap(preds: pd.DataFrame, attr: str, group: str) -> float:
@@ -155,7 +159,7 @@ def tag_predictions(preds: pd.DataFrame, spec: RunSpec, split_seed: int) -> pd.D
 
 
 @ray.remote
-def _run_task(ds: FaceDataset, task: RunTask) -> tuple[pd.DataFrame, dict]:
+def _run_task(ds: FaceDataset, task: RunTask) -> tuple[pd.DataFrame, dict, dict]:
     """Ray task around :func:`run_one`; Ray reuses its worker processes, so each imports torch once."""
     logging.basicConfig(level=logging.WARNING)
     return run_one(ds, task)
@@ -181,6 +185,19 @@ def is_done(out: Path, spec: RunSpec) -> bool:
     if found and found != spec.config_hash:
         logger.warning("%s was made by another configuration; training it again", spec.run_id)
     return found == spec.config_hash
+
+
+def model_file(out: Path, spec: RunSpec) -> Path:
+    """Where a finished run's model is stored (``sweep.save_models``)."""
+    return out / "models" / f"{spec.run_id}.pt"
+
+
+def save_run_model(out: Path, spec: RunSpec, trained: dict, ds: FaceDataset, split_seed: int) -> Path:
+    """The run's model as a ``study.evaluate`` model file; its config names the bias, fold and seeds."""
+    config = {**to_dict(spec.cfg), "bias": to_dict(spec.bias), "fold": spec.fold, "split_seed": split_seed,
+              "run_id": spec.run_id, "config_hash": spec.config_hash}
+    return save_model(model_file(out, spec), trained["model"], arch=spec.arch, classes=ds.classes,
+                      input_size=ds.image_size, mean=trained["mean"], std=trained["std"], config=config)
 
 
 def save_run(out: Path, spec: RunSpec, preds: pd.DataFrame, info: dict) -> None:
@@ -228,11 +245,13 @@ def execute(tasks: list[RunTask], ds: FaceDataset, exp: SweepExperiment, out: Pa
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
         task, done = pending.pop(ready[0]), done + 1
         try:
-            preds, info = ray.get(ready[0])
+            preds, info, trained = ray.get(ready[0])
         except ray.exceptions.RayError as exc:  # after its retries
             failures.append({"run_id": task.spec.run_id, "error": type(exc).__name__, "message": str(exc)})
             print(_FAILED.format(done, len(tasks), task.spec.label, type(exc).__name__), flush=True)
             continue
+        if exp.sweep.save_models:  # before the run file, which marks the run as done
+            save_run_model(out, task.spec, trained, ds, task.split_seed)
         save_run(out, task.spec, preds, info)
         print(f"run {done}/{len(tasks)} done: {task.spec.label}: acc {info['accuracy']:.2f} "
               f"gap {info['gap']:.2f} ({info['seconds']:.1f} s)", flush=True)

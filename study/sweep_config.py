@@ -9,7 +9,7 @@ A sweep TOML has these tables (every key optional; see ``experiments/bias_synthe
     [train]     the default recipe (fer_core.config.TrainConfig keys)
     [sweep]     archs, tuned, kinds, attr, group, stereotypical_classes, direction,
                 stereotypical_sizes, mitigations,
-                seeds, n_boot, fairness_attrs, max_failures, max_in_flight
+                seeds, n_boot, fairness_attrs, max_failures, max_in_flight, save_models
     [sweep.levels]  representational = [...], stereotypical = [...], augmented = [...]
     [resources] as for study.tune: cpus_per_trial, gpus_per_trial, address, dashboard, ...
 
@@ -114,6 +114,8 @@ class SweepConfig:
         Retries of a run whose task raises or whose worker dies, before it is recorded as failed.
     max_in_flight
         Runs submitted at once (0 = as many as the cluster's CPUs/GPUs can run together).
+    save_models
+        Write every run's trained model to ``models/<run_id>.pt`` (loadable by ``study.evaluate``).
     """
 
     archs: tuple[str, ...] = ("main", "variant1", "variant2")
@@ -133,6 +135,7 @@ class SweepConfig:
     focus: dict = field(default_factory=dict)
     max_failures: int = 2
     max_in_flight: int = 0
+    save_models: bool = True
 
     def __post_init__(self) -> None:
         where = "sweep"

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
+from fer_core.checkpoint import load_model
 from fer_core.config import TrainConfig, to_dict, to_toml
 from fer_core.fairness import FAIRNESS_COLUMNS, GAP_METRICS, PAIRED_COLUMNS, unit_intervals
-from study import bias_sweep
+from study import bias_sweep, evaluate
 from study.sweep_config import load_sweep, recipes, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +126,36 @@ def test_tables_have_the_documented_columns(sweep, preds):
     assert (out / "config.toml").is_file() and (out / "command.txt").is_file()
     assert len(list((out / "runs").glob("*.parquet"))) == 18
     assert not (out / "failed_runs.json").exists()
+
+
+@pytest.mark.ray
+def test_a_sweeps_model_scores_its_test_fold_again_through_study_evaluate(sweep, tmp_path):
+    """A run's saved model, given its test fold as PNG files it has never trained on, reproduces the
+    sweep's predictions and accuracy for that run through the study.evaluate command."""
+    out, args = sweep
+    exp = load_sweep(CONFIG, args[2:])
+    preds = pd.read_parquet(out / "predictions.parquet")
+    run_id = "main__representational-1__none__fold1__seed1"
+    run = preds[preds["run_id"] == run_id].set_index("image_id")
+    assert len(list((out / "models").glob("*.pt"))) == 18
+    saved = load_model(out / "models" / f"{run_id}.pt")  # weights_only=True inside
+    assert saved.config["bias"]["level"] == 1.0 and saved.config["fold"] == 1 and saved.config["seed"] == 1
+    ds = bias_sweep.load_data(exp.data.path, exp.data.synthetic)
+    images = tmp_path / "faces"
+    for row, (image_id, label) in enumerate(ds.manifest[["image_id", "label"]].itertuples(index=False)):
+        if image_id in run.index:
+            (images / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ds.pixels[row]).save(images / label / f"{image_id}.png")
+    assert evaluate.main(["--model", str(out / "models" / f"{run_id}.pt"), "--data", str(images),
+                          "--out", str(tmp_path / "eval")]) == 0
+    again = pd.read_parquet(tmp_path / "eval" / "predictions.parquet")
+    again.index = [Path(p).stem for p in again["source_path"]]
+    assert sorted(again.index) == sorted(run.index)
+    assert (again["y_pred"] == run.loc[again.index, "y_pred"]).all()
+    np.testing.assert_allclose(again["p_Happy"], run.loc[again.index, "p_Happy"], atol=1e-5)
+    runs = pd.read_parquet(out / "runs.parquet").set_index("run_id")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["accuracy"] == pytest.approx(runs.loc[run_id, "accuracy"])
 
 
 @pytest.mark.ray
