@@ -123,7 +123,7 @@ n = 160
 [split]
 k = 2
 [train]
-epochs = 5
+epochs = 8
 batch_size = 16
 patience = 10
 [search]
@@ -145,8 +145,15 @@ def launch(args, cwd):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def reported_epochs(study: Path) -> int:
-    return sum(len(p.read_text().splitlines()) for p in study.glob("tune/*/result.json"))
+def trial_part_way(study: Path, epochs: int) -> bool:
+    """Some trial has reported two epochs or more, and fewer than ``epochs``.
+
+    Tune snapshots its state at the end of the step that took a trial's checkpoint, before it takes
+    the trial's next result: once a second epoch is in result.json, the snapshot on disk holds the
+    first epoch's checkpoint, and a resumed study must start that trial from it.
+    """
+    lines = [len(p.read_text().splitlines()) for p in study.glob("tune/*/result.json")]
+    return any(2 <= n < epochs for n in lines)
 
 
 def resumed_from_checkpoint(study: Path) -> int:
@@ -164,8 +171,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed, fresh = tmp_path / "a", tmp_path / "b"
     proc = launch(["--config", str(config), f"results_dir={killed}"], ROOT)
     deadline = time.time() + 240
-    while reported_epochs(killed / "killme") < 6 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
+    while not trial_part_way(killed / "killme", 8) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
     assert proc.poll() is None, "the study finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
