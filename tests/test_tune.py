@@ -140,6 +140,9 @@ dashboard = false
 """
 
 
+EPOCHS = tomllib.loads(STUDY)["train"]["epochs"]
+
+
 def launch(args, cwd):
     return subprocess.Popen([sys.executable, "-m", "study.tune", *args], cwd=cwd, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -171,7 +174,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed, fresh = tmp_path / "a", tmp_path / "b"
     proc = launch(["--config", str(config), f"results_dir={killed}"], ROOT)
     deadline = time.time() + 240
-    while not trial_part_way(killed / "killme", 8) and proc.poll() is None and time.time() < deadline:
+    while not trial_part_way(killed / "killme", EPOCHS) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     assert proc.poll() is None, "the study finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
