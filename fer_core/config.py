@@ -42,6 +42,7 @@ class TrainConfig:
     """
 
     arch: str = "main"
+    width: float = 1.0
     epochs: int = 40
     batch_size: int = 64
     lr: float = 3e-3
@@ -52,6 +53,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     dropout: float = 0.3
     aug_strength: float = 1.0
+    mixup: float = 0.0
     patience: int = 20
     val_fraction: float = 0.1
     seed: int = 0
@@ -66,6 +68,7 @@ class TrainConfig:
         _choice(where, "optimizer", self.optimizer, OPTIMIZERS)
         _choice(where, "schedule", self.schedule, SCHEDULES)
         _choice(where, "mitigation", self.mitigation, MITIGATIONS)
+        _check(where, "width", self.width, self.width > 0, "> 0")
         _check(where, "epochs", self.epochs, self.epochs >= 1, ">= 1")
         _check(where, "batch_size", self.batch_size, self.batch_size >= 2, ">= 2")
         _check(where, "lr", self.lr, self.lr > 0, "> 0")
@@ -73,6 +76,7 @@ class TrainConfig:
         _check(where, "label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)")
         _check(where, "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
         _check(where, "aug_strength", self.aug_strength, self.aug_strength >= 0, ">= 0")
+        _check(where, "mixup", self.mixup, self.mixup >= 0, ">= 0 (0: off)")
 
 
 @dataclass(frozen=True)
@@ -217,10 +221,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
 
 
+# Training keys added after results were first written, with their defaults. While a key is at its
+# default it is left out of the hash, so results written before it existed still match their
+# configuration (a resumed study or sweep keeps them instead of training them again).
+LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0}
+
+
 def config_hash(cfg: Any) -> str:
     """Short stable hash of a resolved config (dataclass or dict)."""
     data = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(_hashable(data), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _hashable(data: Any) -> Any:
+    """``data`` without the training keys of :data:`LATER_TRAIN_KEYS` that are at their defaults."""
+    if not isinstance(data, dict):
+        return data
+    is_train = "arch" in data and "epochs" in data
+    return {k: _hashable(v) for k, v in data.items()
+            if not (is_train and k in LATER_TRAIN_KEYS and v == LATER_TRAIN_KEYS[k])}
 
 
 def to_toml(data: dict[str, Any]) -> str:

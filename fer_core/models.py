@@ -1,8 +1,9 @@
 """Model registry: three CNN architectures for 48x48 single-channel faces, on shared building blocks.
 
-``create_model(name, num_classes=4, in_chans=1)`` builds a registered architecture; ``list_models()``
-names them. Every model ends in global average pooling, so it accepts any input size, and has no dense
-layer sized by the image (the old scripts' 160,000-input dense layer on upscaled images is gone).
+``create_model(name, num_classes=4, in_chans=1, width=1.0)`` builds a registered architecture (``width``
+scales every layer's channels, keeping the architecture's shape); ``list_models()`` names them. Every
+model ends in global average pooling, so it accepts any input size, and has no dense layer sized by the
+image (the old scripts' 160,000-input dense layer on upscaled images is gone).
 
 - ``main``: a compact conv net, three stages of two 3x3 convolutions.
 - ``variant1``: deeper, four stages of three 3x3 convolutions.
@@ -35,11 +36,18 @@ def list_models() -> list[str]:
     return list(_MODELS)
 
 
-def create_model(name: str, *, num_classes: int = 4, in_chans: int = 1, dropout: float = 0.3) -> nn.Module:
-    """Build the architecture ``name``; raises ``KeyError`` naming the known ones for an unknown name."""
+def create_model(name: str, *, num_classes: int = 4, in_chans: int = 1, dropout: float = 0.3,
+                 width: float = 1.0) -> nn.Module:
+    """Build the architecture ``name``; raises ``KeyError`` naming the known ones for an unknown name.
+
+    ``width`` multiplies the channels of every convolution (rounded, at least 8): the same architecture,
+    wider or narrower.
+    """
     if name not in _MODELS:
         raise KeyError(_UNKNOWN_MODEL.format(name, list_models()))
-    return _MODELS[name](num_classes=num_classes, in_chans=in_chans, dropout=dropout)
+    if width <= 0:
+        raise ValueError(f"model width multiplier must be > 0, got {width!r}")
+    return _MODELS[name](num_classes=num_classes, in_chans=in_chans, dropout=dropout, width=width)
 
 
 def conv_bn(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
@@ -72,11 +80,15 @@ class ConvNet(nn.Module):
         Kernel size inside the stages.
     stem_kernel, stem_width
         Kernel and output channels of the first convolution, which is followed by 2x2 max pooling.
+    width
+        Multiplier applied to ``widths`` and ``stem_width``.
     """
 
     def __init__(self, widths: list[int], depth: int, kernel: int, stem_kernel: int, stem_width: int,
-                 num_classes: int, in_chans: int, dropout: float) -> None:
+                 num_classes: int, in_chans: int, dropout: float, width: float = 1.0) -> None:
         super().__init__()
+        widths = [_scaled(w, width) for w in widths]
+        stem_width = _scaled(stem_width, width)
         # 48x48 -> 24x24 right after the stem: full-resolution stages cost most of the FLOPs and add
         # little for faces this small.
         self.stem = nn.Sequential(conv_bn(in_chans, stem_width, stem_kernel), nn.MaxPool2d(2))
@@ -93,6 +105,10 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) for images (B, C, H, W)."""
         return self.head(self.stages(self.stem(x)))
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(8, round(channels * width))
 
 
 @register_model

@@ -2,8 +2,10 @@
 
 Images are decoded once into a tensor that stays on the training device; epochs index into it, so no
 file is read after the start. Augmentation runs on training batches only, on the device (random flip,
-small shifts, rotations and scaling per image, and brightness/contrast jitter). Validation for early
-stopping is carved from the training data by the caller (see :func:`fer_core.splits.carve_validation`).
+small shifts, rotations and scaling per image, and brightness/contrast jitter; with ``mixup`` > 0 each
+batch is also blended with a shuffled copy of itself, its weight drawn from Beta(mixup, mixup)).
+Validation for early stopping is carved from the training data by the caller (see
+:func:`fer_core.splits.carve_validation`).
 
 Mitigations of group imbalance are training options here, so every entry point can use them:
 ``resample`` (draw each epoch with weights balancing class x group cells), ``reweight`` (weight each
@@ -141,7 +143,8 @@ class Trainer:
         self.y_val = np.asarray(val_labels)
         self.val_groups = val_groups
         self._setup_mitigation(np.asarray(train_labels), train_groups)
-        self.model = create_model(cfg.arch, num_classes=num_classes, dropout=cfg.dropout).to(self.device)
+        self.model = create_model(cfg.arch, num_classes=num_classes, dropout=cfg.dropout,
+                                  width=cfg.width).to(self.device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -241,10 +244,27 @@ class Trainer:
             return torch.multinomial(self.sample_weights, n, replacement=True, generator=self.gen)
         return torch.randperm(n, generator=self.gen, device=self.device)
 
-    def loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Training loss of a batch, with the configured mitigation."""
+    def mix(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Mixup: ``xb`` blended with a shuffled copy; returns (inputs, partner positions, weight).
+
+        The weight is drawn from Beta(mixup, mixup) by a NumPy generator seeded from the trainer's torch
+        generator, so a resumed trainer draws the same weights.
+        """
+        if self.cfg.mixup <= 0:
+            return xb, None, 1.0
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen, device=self.device))
+        lam = float(np.random.default_rng(seed).beta(self.cfg.mixup, self.cfg.mixup))
+        perm = torch.randperm(len(xb), generator=self.gen, device=self.device)
+        return lam * xb + (1 - lam) * xb[perm], perm, lam
+
+    def loss(self, logits: torch.Tensor, idx: torch.Tensor, perm: torch.Tensor | None = None,
+             lam: float = 1.0) -> torch.Tensor:
+        """Training loss of a batch, with the configured mitigation (and mixup partners ``perm``)."""
         per_example = F.cross_entropy(logits.float(), self.y[idx], reduction="none",
                                       label_smoothing=self.cfg.label_smoothing)
+        if perm is not None:
+            per_example = lam * per_example + (1 - lam) * F.cross_entropy(
+                logits.float(), self.y[idx][perm], reduction="none", label_smoothing=self.cfg.label_smoothing)
         if self.loss_weights is not None:
             return (per_example * self.loss_weights[idx]).mean()
         if self.group_index is None:
@@ -266,10 +286,10 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
     total = torch.zeros((), device=tr.device)
     for i in range(tr.steps_per_epoch):
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        xb = augment(tr.x[idx], cfg.aug_strength, tr.gen)
+        xb, perm, lam = tr.mix(augment(tr.x[idx], cfg.aug_strength, tr.gen))
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
                             enabled=tr.amp_dtype is not None):
-            loss = tr.loss(model(xb), idx)
+            loss = tr.loss(model(xb), idx, perm, lam)
         tr.optimizer.zero_grad(set_to_none=True)
         tr.scaler.scale(loss).backward()
         tr.scaler.step(tr.optimizer)

@@ -52,3 +52,11 @@ def test_toml_round_trip_and_hash_is_stable():
     back = from_dict(TrainConfig, tomllib.loads(to_toml(to_dict(cfg))))
     assert back == cfg
     assert config_hash(cfg) == config_hash(back) != config_hash(TrainConfig())
+
+
+def test_keys_added_later_leave_old_hashes_alone_until_used():
+    # results written before `width` and `mixup` existed carry the hash of a dict without them
+    old = {k: v for k, v in to_dict(TrainConfig()).items() if k not in ("width", "mixup")}
+    assert config_hash({"train": to_dict(TrainConfig())}) == config_hash({"train": old})
+    assert config_hash(TrainConfig(width=2.0)) != config_hash(TrainConfig())
+    assert config_hash(TrainConfig(mixup=0.2)) != config_hash(TrainConfig())

@@ -4,7 +4,7 @@ import torch
 
 import fer_core.crossval as crossval
 from fer_core.checkpoint import load_model, save_model
-from fer_core.config import SplitConfig, TrainConfig
+from fer_core.config import SplitConfig, TrainConfig, to_dict
 from fer_core.data import image_id
 from tests.helpers import bar_dataset
 
@@ -57,3 +57,15 @@ def test_saved_model_round_trip_weights_only(tmp_path):
     x = torch.randn(4, 1, 48, 48)
     assert torch.allclose(saved.model(x), res.model.eval()(x), atol=1e-5)
     assert saved.input_size == (48, 48) and saved.mean == res.mean
+
+
+def test_saved_model_keeps_its_width(tmp_path):
+    ds = bar_dataset(40)
+    cfg = TrainConfig(epochs=1, batch_size=16, width=1.5)
+    _, _, runs = crossval.run_kfold(cfg, SplitConfig(k=2), ds)
+    res = runs[0].result
+    path = save_model(tmp_path / "m.pt", res.model, arch="main", classes=ds.classes, input_size=(48, 48),
+                      mean=res.mean, std=res.std, config=to_dict(cfg))
+    saved = load_model(path)
+    x = torch.randn(4, 1, 48, 48)
+    assert torch.allclose(saved.model(x), res.model.eval()(x), atol=1e-5)

@@ -45,3 +45,15 @@ def test_parameter_and_flop_counts_are_ordered_as_designed():
     assert len(convs["variant1"]) > len(convs["main"])
     kernels = {n: max(m.kernel_size[0] for m in convs[n]) for n in list_models()}
     assert kernels["variant2"] > kernels["main"]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_width_scales_every_convolution(name):
+    def channels(model):
+        return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    base, wide = channels(create_model(name)), channels(create_model(name, width=2.0))
+    assert wide == [2 * c for c in base]
+    assert create_model(name, width=2.0)(torch.zeros(2, 1, 48, 48)).shape == (2, 4)
+    with pytest.raises(ValueError, match="width"):
+        create_model(name, width=0.0)

@@ -95,3 +95,32 @@ def test_group_dro_upweights_the_worse_group():
     logits[1::2] = 0.0  # ... except group B, which has the higher loss
     tr.loss(logits, torch.arange(64))
     assert tr.q[1] > tr.q[0]
+
+
+def test_mixup_blends_batches_and_resumes_exactly():
+    x, y = bar_images(64)
+    cfg = TrainConfig(epochs=4, batch_size=16, mixup=0.4)
+    tr = Trainer(cfg, x, y, x[:16], y[:16], 4)
+    xb = tr.x[:16]
+    mixed, perm, lam = tr.mix(xb)
+    assert 0 <= lam <= 1 and sorted(perm.tolist()) == list(range(16))
+    assert torch.allclose(mixed, lam * xb + (1 - lam) * xb[perm])
+    # the loss is the same blend of the two labels' losses
+    logits = torch.randn(16, 4)
+    ce = torch.nn.functional.cross_entropy
+    want = lam * ce(logits, tr.y[:16], label_smoothing=cfg.label_smoothing) + (1 - lam) * ce(
+        logits, tr.y[:16][perm], label_smoothing=cfg.label_smoothing)
+    assert torch.isclose(tr.loss(logits, torch.arange(16), perm, lam), want, atol=1e-5)
+
+    full = fit(cfg, x, y, x[:16], y[:16], 4)
+    first = Trainer(cfg, x, y, x[:16], y[:16], 4)
+    first.step(), first.step()
+    state, rng = first.state_dict(), torch.get_rng_state()  # dropout draws from torch's global RNG
+    resumed = Trainer(cfg, x, y, x[:16], y[:16], 4)
+    resumed.load_state_dict(state)
+    torch.set_rng_state(rng)  # as study.trainable's checkpoints do
+    while not resumed.done:
+        resumed.step()
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+    no_mix = fit(TrainConfig(epochs=4, batch_size=16), x, y, x[:16], y[:16], 4)
+    assert [h["train_loss"] for h in no_mix.history] != [h["train_loss"] for h in full.history]
