@@ -5,8 +5,13 @@ for ``main`` is a mean macro-F1 >= 0.80. The canonical dataset is imported from 
 into a temporary folder unless ``--data`` names one already imported.
 
 Run: ``python benchmarks/kfold_fer4.py [--arch main variant1 variant2] [--data DIR] [--threads 1]
-[key=value ...]`` (overrides of the default recipe, e.g. ``epochs=60``). On this project's 2-core machines
-one architecture takes roughly 20-40 minutes; run architectures as separate processes to use both cores.
+[--folds 0 1 2] [--extra] [key=value ...]`` (overrides of the default recipe, e.g. ``epochs=60
+width=2.0 mixup=0.2``). ``--folds`` runs only those folds of the k-fold split (to share one configuration
+out over processes, or probe a recipe on a few folds); ``--extra`` adds fer4's ``Extra Data`` images
+(those that are not copies of a ``Data`` image) to the part of each training fold that is fitted;
+validation and test folds stay ``Data`` images only, and the folds are the same as without it. On this
+project's 2-core machines one architecture takes roughly 12-40 minutes; run architectures (or folds) as
+separate processes to use both cores.
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
 from fer_core.config import SplitConfig, TrainConfig, from_dict, parse_overrides
-from fer_core.crossval import run_kfold
-from fer_core.data import load_dataset
+from fer_core.crossval import FoldRun, score_fold, split_validation
+from fer_core.data import FaceDataset, load_dataset
 from fer_core.models import list_models
+from fer_core.splits import kfold_splits
+from fer_core.training import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 FER4 = ROOT.parent / "shared" / "data" / "fer4"
@@ -42,6 +51,38 @@ def canonical_fer4(data: str | None) -> Path:
     return out
 
 
+def extra_rows(full: FaceDataset, n_base: int) -> np.ndarray:
+    """Rows of ``full`` after its base rows whose pixels are not those of any base image."""
+    ids = full.manifest["image_id"].to_numpy()
+    rows = np.arange(n_base, len(full))
+    return rows[~np.isin(ids[rows], ids[:n_base])]
+
+
+def run_folds(cfg: TrainConfig, split: SplitConfig, full: FaceDataset, folds: list[int] | None,
+              extra: bool) -> list[FoldRun]:
+    """The chosen folds of the k-fold split of the base images, optionally fitted with the extras too."""
+    base = full.base()
+    n_base = len(base)
+    if not full.manifest["subset"].iloc[:n_base].eq("base").all():
+        raise SystemExit("expected the base images first in the canonical dataset")
+    extras = extra_rows(full, n_base) if extra else np.zeros(0, dtype=int)
+    runs = []
+    splits = kfold_splits(base.labels, base.manifest["image_id"].to_numpy(), split.k, split.split_seed)
+    for fold, (train_idx, test_idx) in enumerate(splits):
+        if folds and fold not in folds:
+            continue
+        fit_idx, val_idx = split_validation(base, train_idx, cfg, seed=split.split_seed * 1000 + fold)
+        rows = np.concatenate([fit_idx, extras])  # base rows of `full` are those of `base`
+        result = fit(cfg, full.pixels[rows], full.labels[rows], base.pixels[val_idx], base.labels[val_idx],
+                     len(base.classes))
+        run = score_fold(base, test_idx, result, fold)
+        run.metrics["n_fit"] = len(rows)
+        logging.info("fold %d: macro-F1 %.4f (%d fitted images, %d of them extra)", fold,
+                     run.metrics["macro_f1"], len(rows), len(extras))
+        runs.append(run)
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", nargs="*", default=list_models())
@@ -49,20 +90,26 @@ def main() -> None:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", help="write folds.parquet/predictions.parquet per arch here")
+    p.add_argument("--folds", nargs="*", type=int, help="run only these folds (default: all k)")
+    p.add_argument("--extra", action="store_true", help="also fit on the Extra Data images")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
-    ds = load_dataset(canonical_fer4(args.data)).base()
+    full = load_dataset(canonical_fer4(args.data))
+    ds = full.base()
     split = SplitConfig(k=args.k)
     print(f"fer4: {len(ds)} images, classes {ds.classes}; {args.k}-fold; "
+          f"{len(extra_rows(full, len(ds))) if args.extra else 0} extra images fitted with every fold; "
           f"torch threads {torch.get_num_threads()}")
     for arch in args.arch:
         cfg = from_dict(TrainConfig, {**dataclasses.asdict(TrainConfig()), **parse_overrides(args.overrides),
                                       "arch": arch}, "command line")
         start = time.perf_counter()
-        folds, preds, _ = run_kfold(cfg, split, ds)
+        runs = run_folds(cfg, split, full, args.folds, args.extra)
+        folds = pd.DataFrame([{"arch": arch, **r.metrics} for r in runs])
+        preds = pd.concat([r.predictions for r in runs], ignore_index=True)
         wall = time.perf_counter() - start
         f1 = folds["macro_f1"]
         print(f"{arch}: macro-F1 per fold {[round(v, 4) for v in f1]}; mean {f1.mean():.4f} ± "
