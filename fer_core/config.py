@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import tomllib
 import types
 import typing
@@ -68,7 +69,7 @@ class TrainConfig:
         _choice(where, "optimizer", self.optimizer, OPTIMIZERS)
         _choice(where, "schedule", self.schedule, SCHEDULES)
         _choice(where, "mitigation", self.mitigation, MITIGATIONS)
-        _check(where, "width", self.width, self.width > 0, "> 0")
+        _check(where, "width", self.width, math.isfinite(self.width) and self.width > 0, "finite and > 0")
         _check(where, "epochs", self.epochs, self.epochs >= 1, ">= 1")
         _check(where, "batch_size", self.batch_size, self.batch_size >= 2, ">= 2")
         _check(where, "lr", self.lr, self.lr > 0, "> 0")
@@ -76,7 +77,8 @@ class TrainConfig:
         _check(where, "label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)")
         _check(where, "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
         _check(where, "aug_strength", self.aug_strength, self.aug_strength >= 0, ">= 0")
-        _check(where, "mixup", self.mixup, self.mixup >= 0, ">= 0 (0: off)")
+        _check(where, "mixup", self.mixup, math.isfinite(self.mixup) and self.mixup >= 0,
+               "finite and >= 0 (0: off)")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -244,35 +245,46 @@ class Trainer:
             return torch.multinomial(self.sample_weights, n, replacement=True, generator=self.gen)
         return torch.randperm(n, generator=self.gen, device=self.device)
 
-    def mix(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        """Mixup: ``xb`` blended with a shuffled copy; returns (inputs, partner positions, weight).
+    def mix_weights(self) -> np.ndarray | None:
+        """One mixup weight per batch of the coming epoch, Beta(mixup, mixup); ``None`` without mixup.
 
-        The weight is drawn from Beta(mixup, mixup) by a NumPy generator seeded from the trainer's torch
-        generator, so a resumed trainer draws the same weights.
+        Drawn by inverting the Beta CDF at uniforms from the trainer's torch generator (one host sync per
+        epoch), so a resumed trainer draws the same weights.
         """
         if self.cfg.mixup <= 0:
-            return xb, None, 1.0
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen, device=self.device))
-        lam = float(np.random.default_rng(seed).beta(self.cfg.mixup, self.cfg.mixup))
+            return None
+        u = torch.rand(self.steps_per_epoch, generator=self.gen, device=self.device).cpu().numpy()
+        return scipy.stats.beta.ppf(u, self.cfg.mixup, self.cfg.mixup)
+
+    def mix(self, xb: torch.Tensor, lam: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``xb`` blended with a shuffled copy of itself, weight ``lam``; returns (inputs, partners)."""
+        if lam is None:
+            return xb, None
         perm = torch.randperm(len(xb), generator=self.gen, device=self.device)
-        return lam * xb + (1 - lam) * xb[perm], perm, lam
+        return lam * xb + (1 - lam) * xb[perm], perm
 
     def loss(self, logits: torch.Tensor, idx: torch.Tensor, perm: torch.Tensor | None = None,
              lam: float = 1.0) -> torch.Tensor:
-        """Training loss of a batch, with the configured mitigation (and mixup partners ``perm``)."""
-        per_example = F.cross_entropy(logits.float(), self.y[idx], reduction="none",
-                                      label_smoothing=self.cfg.label_smoothing)
-        if perm is not None:
-            per_example = lam * per_example + (1 - lam) * F.cross_entropy(
-                logits.float(), self.y[idx][perm], reduction="none", label_smoothing=self.cfg.label_smoothing)
+        """Training loss of a batch, with the configured mitigation.
+
+        With mixup partners ``perm``, each input is ``lam`` of example ``idx`` and ``1 - lam`` of
+        ``idx[perm]``: its loss is split the same way between the two labels, and each part gets the
+        weight (``reweight``) or counts toward the group (``groupdro``) of the example it came from.
+        """
+        parts = [(1.0, idx)] if perm is None else [(lam, idx), (1.0 - lam, idx[perm])]
+        losses = [(w, rows, F.cross_entropy(logits.float(), self.y[rows], reduction="none",
+                                            label_smoothing=self.cfg.label_smoothing)) for w, rows in parts]
         if self.loss_weights is not None:
-            return (per_example * self.loss_weights[idx]).mean()
+            return sum(w * (ce * self.loss_weights[rows]).mean() for w, rows, ce in losses)
         if self.group_index is None:
-            return per_example.mean()
-        g = self.group_index[idx]
-        sums = torch.zeros(self.n_groups, device=per_example.device).index_add_(0, g, per_example)
-        counts = torch.bincount(g, minlength=self.n_groups).clamp(min=1)
-        group_loss = sums / counts
+            return sum(w * ce.mean() for w, _, ce in losses)
+        sums = torch.zeros(self.n_groups, device=logits.device)
+        counts = torch.zeros(self.n_groups, device=logits.device)
+        for w, rows, ce in losses:
+            g = self.group_index[rows]
+            sums.index_add_(0, g, w * ce)
+            counts.index_add_(0, g, torch.full_like(ce, w))
+        group_loss = sums / counts.clamp(min=1e-12)  # a group absent from the batch has loss 0
         with torch.no_grad():  # exponentiated-gradient ascent on the group weights
             self.q = self.q * torch.exp(self.cfg.dro_eta * group_loss.detach())
             self.q = self.q / self.q.sum()
@@ -283,13 +295,15 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
     """One pass over the training data of ``tr``; returns ``train_loss`` and ``lr``."""
     model, cfg = tr.model.train(), tr.cfg
     order = tr.epoch_order()
+    lams = tr.mix_weights()
     total = torch.zeros((), device=tr.device)
     for i in range(tr.steps_per_epoch):
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        xb, perm, lam = tr.mix(augment(tr.x[idx], cfg.aug_strength, tr.gen))
+        lam = None if lams is None else float(lams[i])
+        xb, perm = tr.mix(augment(tr.x[idx], cfg.aug_strength, tr.gen), lam)
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
                             enabled=tr.amp_dtype is not None):
-            loss = tr.loss(model(xb), idx, perm, lam)
+            loss = tr.loss(model(xb), idx, perm, 1.0 if lam is None else lam)
         tr.optimizer.zero_grad(set_to_none=True)
         tr.scaler.scale(loss).backward()
         tr.scaler.step(tr.optimizer)

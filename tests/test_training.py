@@ -97,24 +97,25 @@ def test_group_dro_upweights_the_worse_group():
     assert tr.q[1] > tr.q[0]
 
 
-def test_mixup_blends_batches_and_resumes_exactly():
+def test_mixup_splits_the_loss_between_the_two_labels_and_resumes_exactly():
     x, y = bar_images(64)
     cfg = TrainConfig(epochs=4, batch_size=16, mixup=0.4)
     tr = Trainer(cfg, x, y, x[:16], y[:16], 4)
-    xb = tr.x[:16]
-    mixed, perm, lam = tr.mix(xb)
-    assert 0 <= lam <= 1 and sorted(perm.tolist()) == list(range(16))
-    assert torch.allclose(mixed, lam * xb + (1 - lam) * xb[perm])
-    # the loss is the same blend of the two labels' losses
+    lams = tr.mix_weights()
+    assert lams.shape == (tr.steps_per_epoch,) and ((lams >= 0) & (lams <= 1)).all()
+    mixed, perm = tr.mix(tr.x[:16], 0.3)
+    assert sorted(perm.tolist()) == list(range(16))
+    assert torch.allclose(mixed[0], 0.3 * tr.x[0] + 0.7 * tr.x[perm[0]])
     logits = torch.randn(16, 4)
     ce = torch.nn.functional.cross_entropy
-    want = lam * ce(logits, tr.y[:16], label_smoothing=cfg.label_smoothing) + (1 - lam) * ce(
+    want = 0.3 * ce(logits, tr.y[:16], label_smoothing=cfg.label_smoothing) + 0.7 * ce(
         logits, tr.y[:16][perm], label_smoothing=cfg.label_smoothing)
-    assert torch.isclose(tr.loss(logits, torch.arange(16), perm, lam), want, atol=1e-5)
+    assert torch.isclose(tr.loss(logits, torch.arange(16), perm, 0.3), want, atol=1e-5)
 
     full = fit(cfg, x, y, x[:16], y[:16], 4)
     first = Trainer(cfg, x, y, x[:16], y[:16], 4)
-    first.step(), first.step()
+    first.step()
+    first.step()
     state, rng = first.state_dict(), torch.get_rng_state()  # dropout draws from torch's global RNG
     resumed = Trainer(cfg, x, y, x[:16], y[:16], 4)
     resumed.load_state_dict(state)
@@ -124,3 +125,25 @@ def test_mixup_blends_batches_and_resumes_exactly():
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
     no_mix = fit(TrainConfig(epochs=4, batch_size=16), x, y, x[:16], y[:16], 4)
     assert [h["train_loss"] for h in no_mix.history] != [h["train_loss"] for h in full.history]
+
+
+def test_mixup_parts_keep_their_own_weight_and_group():
+    x, y = bar_images(8)
+    g = np.array(["A"] * 4 + ["B"] * 4)
+    perm = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])  # every image mixed with one of the other group
+    logits = torch.zeros(8, 4)
+    logits[torch.arange(8), torch.as_tensor(y)] = 6.0  # confident and right about each image's own label
+    # reweight: a mixed input's two parts are weighted by their own examples' weights
+    rw = Trainer(TrainConfig(mitigation="reweight", label_smoothing=0.0), x, y, x[:2], y[:2], 4, g)
+    ce = torch.nn.functional.cross_entropy(logits, rw.y, reduction="none")
+    ce_partner = torch.nn.functional.cross_entropy(logits, rw.y[perm], reduction="none")
+    w = rw.loss_weights
+    want = (0.8 * w * ce).mean() + (0.2 * w[perm] * ce_partner).mean()
+    assert torch.isclose(rw.loss(logits, torch.arange(8), perm, 0.8), want, atol=1e-6)
+    # groupdro: a pure partner input (lam = 0) counts toward the partner's group only
+    cfg = TrainConfig(mitigation="groupdro", dro_eta=1.0, label_smoothing=0.0)
+    dro = Trainer(cfg, x, y, x[:2], y[:2], 4, g)
+    partner_logits = torch.zeros(8, 4)  # inputs 0-3 are group B's images: read badly (uniform) ...
+    partner_logits[4:][torch.arange(4), dro.y[perm][4:]] = 6.0  # ... inputs 4-7, group A's: read well
+    dro.loss(partner_logits, torch.arange(8), perm, 0.0)
+    assert dro.q[1] > dro.q[0]  # group B is the worse one, though positions 0-3 hold group A's indices
