@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from fer_core.config import SplitConfig, TrainConfig, from_dict, parse_overrides
-from fer_core.crossval import FoldRun, score_fold, split_validation
-from fer_core.data import FaceDataset, load_dataset
+from fer_core.crossval import FoldRun, fold_tables, score_fold, split_validation, train_groups
+from fer_core.data import BASE_SUBSET, FaceDataset, load_dataset
 from fer_core.models import list_models
 from fer_core.splits import kfold_splits
 from fer_core.training import fit
@@ -51,36 +50,37 @@ def canonical_fer4(data: str | None) -> Path:
     return out
 
 
-def extra_rows(full: FaceDataset, n_base: int) -> np.ndarray:
-    """Rows of ``full`` after its base rows whose pixels are not those of any base image."""
-    ids = full.manifest["image_id"].to_numpy()
-    rows = np.arange(n_base, len(full))
-    return rows[~np.isin(ids[rows], ids[:n_base])]
+def extra_rows(full: FaceDataset) -> np.ndarray:
+    """Row indices of the extra images in ``full`` (the importer keeps one row per distinct image)."""
+    return np.flatnonzero(full.manifest["subset"].ne(BASE_SUBSET).to_numpy())
 
 
 def run_folds(cfg: TrainConfig, split: SplitConfig, full: FaceDataset, folds: list[int] | None,
               extra: bool) -> list[FoldRun]:
     """The chosen folds of the k-fold split of the base images, optionally fitted with the extras too."""
-    base = full.base()
-    n_base = len(base)
-    if not full.manifest["subset"].iloc[:n_base].eq("base").all():
-        raise SystemExit("expected the base images first in the canonical dataset")
-    extras = extra_rows(full, n_base) if extra else np.zeros(0, dtype=int)
+    base_rows = np.flatnonzero(full.manifest["subset"].eq(BASE_SUBSET).to_numpy())
+    base = full.base()  # row i of `base` is row base_rows[i] of `full`
+    extras = extra_rows(full) if extra else np.zeros(0, dtype=int)
     runs = []
     splits = kfold_splits(base.labels, base.manifest["image_id"].to_numpy(), split.k, split.split_seed)
     for fold, (train_idx, test_idx) in enumerate(splits):
         if folds and fold not in folds:
             continue
         fit_idx, val_idx = split_validation(base, train_idx, cfg, seed=split.split_seed * 1000 + fold)
-        rows = np.concatenate([fit_idx, extras])  # base rows of `full` are those of `base`
+        rows = np.concatenate([base_rows[fit_idx], extras])
         result = fit(cfg, full.pixels[rows], full.labels[rows], base.pixels[val_idx], base.labels[val_idx],
-                     len(base.classes))
+                     len(base.classes), train_groups=train_groups(full, rows, cfg))
         run = score_fold(base, test_idx, result, fold)
-        run.metrics["n_fit"] = len(rows)
+        run.metrics.update(n_train=len(train_idx), n_fit=len(rows), n_extra=len(extras))
         logging.info("fold %d: macro-F1 %.4f (%d fitted images, %d of them extra)", fold,
                      run.metrics["macro_f1"], len(rows), len(extras))
         runs.append(run)
     return runs
+
+
+def _spread(values) -> str:
+    """`` ± std`` over folds, or nothing for a single fold."""
+    return f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else ""
 
 
 def main() -> None:
@@ -94,6 +94,8 @@ def main() -> None:
     p.add_argument("--extra", action="store_true", help="also fit on the Extra Data images")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args()
+    if args.folds and not set(args.folds) <= set(range(args.k)):
+        p.error(f"--folds {args.folds}: fold numbers run from 0 to {args.k - 1} (k={args.k})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,20 +103,18 @@ def main() -> None:
     ds = full.base()
     split = SplitConfig(k=args.k)
     print(f"fer4: {len(ds)} images, classes {ds.classes}; {args.k}-fold; "
-          f"{len(extra_rows(full, len(ds))) if args.extra else 0} extra images fitted with every fold; "
+          f"{len(extra_rows(full)) if args.extra else 0} extra images fitted with every fold; "
           f"torch threads {torch.get_num_threads()}")
     for arch in args.arch:
         cfg = from_dict(TrainConfig, {**dataclasses.asdict(TrainConfig()), **parse_overrides(args.overrides),
                                       "arch": arch}, "command line")
         start = time.perf_counter()
         runs = run_folds(cfg, split, full, args.folds, args.extra)
-        folds = pd.DataFrame([{"arch": arch, **r.metrics} for r in runs])
-        preds = pd.concat([r.predictions for r in runs], ignore_index=True)
+        folds, preds = fold_tables(cfg, split, runs)
         wall = time.perf_counter() - start
-        f1 = folds["macro_f1"]
-        print(f"{arch}: macro-F1 per fold {[round(v, 4) for v in f1]}; mean {f1.mean():.4f} ± "
-              f"{f1.std(ddof=1):.4f}; accuracy {folds['accuracy'].mean():.4f} ± "
-              f"{folds['accuracy'].std(ddof=1):.4f}; "
+        f1, acc = folds["macro_f1"], folds["accuracy"]
+        print(f"{arch}: macro-F1 per fold {[round(v, 4) for v in f1]}; mean {f1.mean():.4f}{_spread(f1)}; "
+              f"accuracy {acc.mean():.4f}{_spread(acc)}; "
               f"epochs run {folds['epochs_run'].tolist()}; wall {wall / 60:.1f} min", flush=True)
         if args.out:
             out = Path(args.out) / arch

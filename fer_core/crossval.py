@@ -106,6 +106,13 @@ def run_kfold(cfg: TrainConfig, split: SplitConfig, ds: FaceDataset,
         logger.info("fold %d/%d: accuracy %.3f macro-F1 %.3f", fold + 1, split.k,
                     run.metrics["accuracy"], run.metrics["macro_f1"])
         runs.append(run)
+    folds, preds = fold_tables(cfg, split, runs)
+    return folds, preds, runs
+
+
+def fold_tables(cfg: TrainConfig, split: SplitConfig, runs: list[FoldRun]
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-fold metrics and all predictions of ``runs``, tagged with the configuration and its hash."""
     tag = {"arch": cfg.arch, "seed": cfg.seed, "split_seed": split.split_seed,
            "config_hash": config_hash({"train": to_dict(cfg), "split": to_dict(split)}),
            "version": __version__}
@@ -113,4 +120,4 @@ def run_kfold(cfg: TrainConfig, split: SplitConfig, ds: FaceDataset,
     preds = pd.concat([r.predictions for r in runs], ignore_index=True)
     for key, value in tag.items():
         preds[key] = value
-    return folds, preds, runs
+    return folds, preds
