@@ -27,11 +27,10 @@ import numpy as np
 import torch
 
 from fer_core.config import SplitConfig, TrainConfig, from_dict, parse_overrides
-from fer_core.crossval import FoldRun, fold_tables, score_fold, split_validation, train_groups
+from fer_core.crossval import FoldRun, fold_tables, train_on_split
 from fer_core.data import BASE_SUBSET, FaceDataset, load_dataset
 from fer_core.models import list_models
 from fer_core.splits import kfold_splits
-from fer_core.training import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 FER4 = ROOT.parent / "shared" / "data" / "fer4"
@@ -66,14 +65,11 @@ def run_folds(cfg: TrainConfig, split: SplitConfig, full: FaceDataset, folds: li
     for fold, (train_idx, test_idx) in enumerate(splits):
         if folds and fold not in folds:
             continue
-        fit_idx, val_idx = split_validation(base, train_idx, cfg, seed=split.split_seed * 1000 + fold)
-        rows = np.concatenate([base_rows[fit_idx], extras])
-        result = fit(cfg, full.pixels[rows], full.labels[rows], base.pixels[val_idx], base.labels[val_idx],
-                     len(base.classes), train_groups=train_groups(full, rows, cfg))
-        run = score_fold(base, test_idx, result, fold)
-        run.metrics.update(n_train=len(train_idx), n_fit=len(rows), n_extra=len(extras))
+        run = train_on_split(cfg, full, base_rows[train_idx], base_rows[test_idx], fold=fold,
+                             split_seed=split.split_seed, extra_idx=extras)
+        run.metrics.update(n_train=len(train_idx), n_extra=len(extras))
         logging.info("fold %d: macro-F1 %.4f (%d fitted images, %d of them extra)", fold,
-                     run.metrics["macro_f1"], len(rows), len(extras))
+                     run.metrics["macro_f1"], run.metrics["n_fit"], len(extras))
         runs.append(run)
     return runs
 

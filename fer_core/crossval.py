@@ -55,13 +55,21 @@ def split_validation(ds: FaceDataset, train_idx: np.ndarray, cfg: TrainConfig, s
 
 def train_on_split(cfg: TrainConfig, ds: FaceDataset, train_idx: np.ndarray, test_idx: np.ndarray, *,
                    fold: int = 0, split_seed: int = 0, on_epoch_end: EpochCallback | None = None,
-                   ) -> FoldRun:
-    """Fit on ``train_idx`` (validation carved from it), then score once on ``test_idx``."""
+                   extra_idx: np.ndarray | None = None) -> FoldRun:
+    """Fit on ``train_idx`` (validation carved from it), then score once on ``test_idx``.
+
+    ``extra_idx`` rows (e.g. a dataset's extra images) are fitted with every fold but never carved into
+    validation, so the validation and test images, and the carve itself, are the same with or without them.
+    """
     fit_idx, val_idx = split_validation(ds, np.asarray(train_idx), cfg, seed=split_seed * 1000 + fold)
+    if extra_idx is not None:
+        fit_idx = np.concatenate([fit_idx, np.asarray(extra_idx, dtype=fit_idx.dtype)])
     labels = ds.labels
     result = fit(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
                  len(ds.classes), train_groups=train_groups(ds, fit_idx, cfg), on_epoch_end=on_epoch_end)
-    return score_fold(ds, test_idx, result, fold)
+    run = score_fold(ds, test_idx, result, fold)
+    run.metrics["n_fit"] = len(fit_idx)
+    return run
 
 
 def score_fold(ds: FaceDataset, test_idx: np.ndarray, result: FitResult, fold: int) -> FoldRun:

@@ -69,3 +69,25 @@ def test_saved_model_keeps_its_width(tmp_path):
     saved = load_model(path)
     x = torch.randn(4, 1, 48, 48)
     assert torch.allclose(saved.model(x), res.model.eval()(x), atol=1e-5)
+
+
+def test_extra_rows_are_fitted_but_never_validated_or_tested(monkeypatch):
+    ds = bar_dataset(80)
+    train_idx, test_idx, extra_idx = np.arange(0, 50), np.arange(50, 65), np.arange(65, 80)
+    seen = []
+    real_fit = crossval.fit
+
+    def spy(cfg, train_px, train_y, val_px, val_y, *args, **kwargs):
+        seen.append(([image_id(p) for p in train_px], [image_id(p) for p in val_px]))
+        return real_fit(cfg, train_px, train_y, val_px, val_y, *args, **kwargs)
+
+    monkeypatch.setattr(crossval, "fit", spy)
+    cfg = TrainConfig(epochs=1, batch_size=16, val_fraction=0.2)
+    plain = crossval.train_on_split(cfg, ds, train_idx, test_idx, fold=1)
+    more = crossval.train_on_split(cfg, ds, train_idx, test_idx, fold=1, extra_idx=extra_idx)
+    (fit_plain, val_plain), (fit_more, val_more) = seen
+    ids = ds.manifest["image_id"].to_numpy()
+    assert val_more == val_plain and set(val_plain) <= set(ids[train_idx])  # same carve, from train rows
+    assert fit_more == fit_plain + list(ids[extra_idx])  # the extras are added to what is fitted
+    assert more.metrics["n_fit"] == plain.metrics["n_fit"] + len(extra_idx) == len(fit_more)
+    assert list(more.predictions["image_id"]) == list(ids[test_idx])
