@@ -3,8 +3,8 @@
 Reads per-image test predictions of the same k folds for several architectures (``predictions.parquet``
 of ``benchmarks/kfold_fer4.py --out``, ``study.kfold``, or a bias sweep, whose unbiased, unmitigated runs
 are used), averages the ``p_<class>`` columns of every combination of architectures per image, and prints
-each combination's macro-F1 per fold, its mean ± std, and its paired difference to the first
-architecture with a 95% t interval over folds. Nothing is trained: the ensembles cost no extra fits.
+each combination's macro-F1 per fold, its mean ± std, and its paired difference to ``--base`` with a
+95% t interval over folds. Nothing is trained: the ensembles cost no extra fits.
 
 Run: ``python benchmarks/ensemble_fer4.py PREDICTIONS.parquet [more.parquet ...] [--base main]``, e.g.
 on the fer4 sweep: ``python benchmarks/ensemble_fer4.py results/bias-fer4/predictions.parquet``.
@@ -24,7 +24,7 @@ KEYS = ["fold", "image_id"]
 
 
 def load(paths: list[str]) -> pd.DataFrame:
-    """Predictions of seed 0, without bias or mitigation where those columns exist."""
+    """Predictions of the lowest seed, without bias or mitigation where those columns exist."""
     frame = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
     if "bias_kind" in frame:
         frame = frame[frame["bias_kind"].eq("none") & frame["mitigation"].eq("none")]
@@ -49,7 +49,9 @@ def fold_scores(frame: pd.DataFrame, archs: tuple[str, ...], classes: list[str])
     scored = pd.DataFrame({"fold": index.get_level_values("fold"),
                            "y_true": parts[0].loc[index, "y_true"].to_numpy(),
                            "y_pred": np.asarray(classes)[probs.argmax(1)]})
-    return pd.Series({fold: f1_score(g["y_true"], g["y_pred"], average="macro")
+    # the project's macro-F1 (fer_core.metrics): every class counted, 0 for a class never predicted
+    return pd.Series({fold: f1_score(g["y_true"], g["y_pred"], labels=classes, average="macro",
+                                     zero_division=0)
                       for fold, g in scored.groupby("fold")})
 
 

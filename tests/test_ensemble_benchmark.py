@@ -29,7 +29,7 @@ def test_ensemble_follows_the_mean_probability_per_image():
     y = rng.choice(CLASSES, n)
     pa, pb = rng.dirichlet(np.ones(4), n), rng.dirichlet(np.ones(4), n)
     frame = pd.concat([_preds("a", y, pa), _preds("b", y, pb)], ignore_index=True)
-    # shuffle the rows of one architecture: images must be matched by (fold, image_id), not by position
+    # shuffle the rows: images must be matched by (fold, image_id), not by position
     frame = frame.sample(frac=1, random_state=1).reset_index(drop=True)
     got = ensemble.fold_scores(frame, ("a", "b"), CLASSES)
     y_pred = np.asarray(CLASSES)[(pa + pb).argmax(1)]
