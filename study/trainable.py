@@ -13,10 +13,12 @@ driver builds ``trials.parquet`` (one row per trial x fold x epoch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -98,12 +100,18 @@ def objective(exp: ExperimentConfig, report: dict[str, float]) -> float:
     return report["score"]
 
 
-def save_state(trainers: list[Trainer]) -> tune.Checkpoint:
-    """Checkpoint every fold's trainer (weights, optimizer, schedule, RNG) in one file."""
-    tmp = tempfile.mkdtemp(prefix="fer-ckpt-")
-    torch.save({"trainers": [tr.state_dict() for tr in trainers],
-                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, STATE_FILE))
-    return tune.Checkpoint.from_directory(tmp)
+@contextlib.contextmanager
+def save_state(trainers: list[Trainer]) -> Iterator[tune.Checkpoint]:
+    """Checkpoint every fold's trainer (weights, optimizer, schedule, RNG) in one file.
+
+    The file lives in a temporary folder that is deleted when the block exits: report the checkpoint
+    inside the block (``tune.report`` copies it to the trial's storage before it returns), or every
+    checkpoint of every trial would stay behind in the system's temporary folder.
+    """
+    with tempfile.TemporaryDirectory(prefix="fer-ckpt-") as tmp:
+        torch.save({"trainers": [tr.state_dict() for tr in trainers],
+                    "torch_rng": torch.get_rng_state()}, os.path.join(tmp, STATE_FILE))
+        yield tune.Checkpoint.from_directory(tmp)
 
 
 def load_state(trainers: list[Trainer], checkpoint: tune.Checkpoint) -> None:
@@ -136,8 +144,10 @@ def run_trial(config: dict[str, Any], exp: ExperimentConfig, data: FaceDataset) 
         finished = all(tr.done for tr in trainers)
         if finished:
             report.update(final_scores(exp, data, trainers, tests))
-        ckpt = None
-        if every >= 0 and (finished or time.monotonic() - last_saved >= every):
-            ckpt, last_saved = save_state(trainers), time.monotonic()
         report["node_id"] = ray.get_runtime_context().get_node_id()
-        tune.report(report, checkpoint=ckpt)
+        if every >= 0 and (finished or time.monotonic() - last_saved >= every):
+            with save_state(trainers) as ckpt:
+                tune.report(report, checkpoint=ckpt)
+            last_saved = time.monotonic()
+        else:
+            tune.report(report)

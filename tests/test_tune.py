@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -143,8 +144,12 @@ dashboard = false
 EPOCHS = tomllib.loads(STUDY)["train"]["epochs"]
 
 
-def launch(args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "study.tune", *args], cwd=cwd, env=ENV,
+def launch(args, cwd, tmpdir=None):
+    """Start ``study.tune``; with ``tmpdir``, its processes (Ray workers too) make temporary files there."""
+    env = dict(ENV)
+    if tmpdir is not None:  # Ray's own session folder stays where it was: only the trials' files move
+        env.update(TMPDIR=str(tmpdir), RAY_TMPDIR=os.environ.get("RAY_TMPDIR", tempfile.gettempdir()))
+    return subprocess.Popen([sys.executable, "-m", "study.tune", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -181,10 +186,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     proc.wait()
     assert not (killed / "killme" / "trials.parquet").exists()
     time.sleep(2)
-    resumed = launch(["--resume", str(killed / "killme")], ROOT)
-    uninterrupted = launch(["--config", str(config), f"results_dir={fresh}"], ROOT)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    resumed = launch(["--resume", str(killed / "killme")], ROOT, tmpdir=scratch)
+    uninterrupted = launch(["--config", str(config), f"results_dir={fresh}"], ROOT, tmpdir=scratch)
     assert resumed.wait(timeout=400) == 0
     assert uninterrupted.wait(timeout=400) == 0
+    # every epoch was checkpointed (checkpoint_seconds = 0); none is left in the temporary folder
+    assert not list(scratch.glob("fer-ckpt-*"))
     # at least one trial went on from its checkpoint rather than starting again
     assert resumed_from_checkpoint(killed / "killme") > 0
     a = pd.read_parquet(killed / "killme" / "trials.parquet")
