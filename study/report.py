@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,19 +124,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     cfg = resolve(args)
-    if args.smoke_test:  # a fresh folder holds the simulated table: nothing stale in --out is read
-        results = Path(tempfile.mkdtemp(prefix="report-smoke-"))
-        write_table(simulate_predictions(), results / "predictions.parquet")
-    elif args.results is None:
+    if args.smoke_test:
+        return _smoke_test(cfg, Path(args.out) if args.out else None)
+    if args.results is None:
         raise SystemExit(_NO_RESULTS)
-    else:
-        results = Path(args.results)
+    results = Path(args.results)
     if not (results / "predictions.parquet").is_file():
         raise SystemExit(_NO_PREDICTIONS.format(results))
     out = Path(args.out) if args.out else results
     out.mkdir(parents=True, exist_ok=True)
-    tables = load_tables(results, cfg, out)
-    path = write_report(tables, out, cfg, source=results)
+    path = write_report(load_tables(results, cfg, out), out, cfg, source=results)
+    print(f"report in {path}")
+    return 0
+
+
+def _smoke_test(cfg: ReportConfig, out: Path | None) -> int:
+    """Report on a simulated sweep, into ``out`` or else a new temporary folder that is kept.
+
+    The simulated table is written to a fresh folder, so no stale table in ``out`` is read; with
+    ``out`` that folder is temporary, and the table is copied next to the report it made.
+    """
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="report-smoke-"))
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="report-smoke-") as tmp:
+        results = Path(tmp)
+        write_table(simulate_predictions(), results / "predictions.parquet")
+        tables = load_tables(results, cfg, out)
+        shutil.copy2(results / "predictions.parquet", out / "predictions.parquet")
+    path = write_report(tables, out, cfg, source=out)
     print(f"report in {path}")
     return 0
 

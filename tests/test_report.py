@@ -156,6 +156,12 @@ def test_smoke_test(tmp_path):
     fair = pd.read_parquet(tmp_path / "fairness.parquet")  # computed from the simulated predictions
     assert set(fair["attribute"]) == {"gender", "age", "gender x age"}
     assert (tmp_path / "paired.parquet").is_file()
+    # the simulated table sits next to the report it made, and the report reads the same from it again
+    simulated = pd.read_parquet(tmp_path / "predictions.parquet")
+    assert set(fair["attribute"]) <= set(simulated.columns) | {"gender x age"}
+    before = (tmp_path / "report.md").read_text()
+    assert main([str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").read_text() == before
 
 
 def test_missing_predictions_say_what_to_do(tmp_path):
