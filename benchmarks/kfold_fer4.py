@@ -36,17 +36,21 @@ ROOT = Path(__file__).resolve().parents[1]
 FER4 = ROOT.parent / "shared" / "data" / "fer4"
 
 
-def canonical_fer4(data: str | None) -> Path:
-    """The given canonical folder, or a fresh import of ../shared/data/fer4."""
+def load_fer4(data: str | None) -> FaceDataset:
+    """The given canonical folder, or else ../shared/data/fer4 imported into a temporary folder.
+
+    The temporary import is read into memory and deleted: the benchmark leaves nothing behind.
+    """
     if data:
-        return Path(data)
+        return load_dataset(data)
     from study import prepare
 
-    out = Path(tempfile.mkdtemp(prefix="fer4-")) / "fer4"
-    spec = ROOT / "experiments" / "datasets" / "fer4.toml"
-    if prepare.main([str(spec), "--root", str(FER4), "--out", str(out)]) != 0:
-        raise SystemExit("import of fer4 failed")
-    return out
+    with tempfile.TemporaryDirectory(prefix="fer4-") as tmp:
+        out = Path(tmp) / "fer4"
+        spec = ROOT / "experiments" / "datasets" / "fer4.toml"
+        if prepare.main([str(spec), "--root", str(FER4), "--out", str(out)]) != 0:
+            raise SystemExit("import of fer4 failed")
+        return load_dataset(out, mmap=False)
 
 
 def extra_rows(full: FaceDataset) -> np.ndarray:
@@ -95,7 +99,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
-    full = load_dataset(canonical_fer4(args.data))
+    full = load_fer4(args.data)
     ds = full.base()
     split = SplitConfig(k=args.k)
     print(f"fer4: {len(ds)} images, classes {ds.classes}; {args.k}-fold; "

@@ -107,13 +107,14 @@ def main() -> None:
     p.add_argument("--k", type=int, help="folds (default: the default study's)")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="tune-overhead-"))
-    config = tmp / "overhead.toml"
-    write_config(config, args)
-    a, params = run_tune(config, tmp / "results")
-    c = run_pool(config, params, args.workers, threads=1)
-    b = run_pool(config, params, 1, threads=args.workers)  # a script: one process, all cores to torch
-    doc = tomllib.loads(config.read_text())
+    with tempfile.TemporaryDirectory(prefix="tune-overhead-") as name:  # the study's files go with it
+        tmp = Path(name)
+        config = tmp / "overhead.toml"
+        write_config(config, args)
+        a, params = run_tune(config, tmp / "results")
+        c = run_pool(config, params, args.workers, threads=1)
+        b = run_pool(config, params, 1, threads=args.workers)  # a script: one process, all cores to torch
+        doc = tomllib.loads(config.read_text())
     archs = ", ".join(p["arch"] for p in params)
     print(f"{len(params)} configurations ({archs}) x {doc['split']['k']} folds x "
           f"{doc['train']['epochs']} epochs, n={doc['data']['synthetic']['n']}, {args.workers} cores")
