@@ -177,7 +177,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     config = tmp_path / "study.toml"
     config.write_text(STUDY)
     killed, fresh = tmp_path / "a", tmp_path / "b"
-    proc = launch(["--config", str(config), f"results_dir={killed}"], ROOT)
+    # a SIGKILL can land while a checkpoint is being stored: its temporary folder goes to tmp_path
+    (tmp_path / "killed_tmp").mkdir()
+    proc = launch(["--config", str(config), f"results_dir={killed}"], ROOT, tmpdir=tmp_path / "killed_tmp")
     deadline = time.time() + 240
     while not trial_part_way(killed / "killme", EPOCHS) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
