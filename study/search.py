@@ -8,6 +8,7 @@ Ray's OptunaSearch requires), and the trainable (:mod:`study.trainable`) turns a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -130,11 +131,44 @@ def run_config(exp: ExperimentConfig, storage: Path) -> tune.RunConfig:
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
 
 
+# what Tune restores from: the newest of each (one per driver session, named by its start time)
+_STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+_TORN_STATE = ("{file}: {what}. The driver was stopped while Ray Tune was copying its experiment state into "
+               "the results folder, so the study cannot be resumed from it (resuming would start the search "
+               "again beside the old trials). The trials' own results are in {tune}/*/result.json. "
+               "Run the study again into a new results_dir, or delete {tune} and run it again.")
+
+
+def check_resumable(tune_dir: Path) -> None:
+    """Refuse, naming the file, an experiment state that a killed driver left empty or cut short.
+
+    Tune writes its state on the driver and copies it into the results folder in the background; a
+    SIGKILL during that copy leaves the newest file empty or truncated, and ``Tuner.restore`` would then
+    quietly start the study from nothing.
+    """
+    if not tune.Tuner.can_restore(str(tune_dir.resolve())):
+        raise FileNotFoundError(f"{tune_dir}: no Ray Tune experiment state to resume (tuner.pkl missing)")
+    for pattern in _STATE_FILES:
+        files = sorted(tune_dir.glob(pattern))
+        if not files:
+            continue
+        newest = files[-1]  # the timestamp in the name sorts as text
+        what = None
+        if newest.stat().st_size == 0:
+            what = "the file is empty"
+        elif pattern.startswith("experiment_state"):  # JSON (search_gen_state-*.json is a pickle)
+            try:
+                json.loads(newest.read_text())
+            except ValueError as err:
+                what = f"the file is not complete JSON ({err})"
+        if what:
+            raise ValueError(_TORN_STATE.format(file=newest, what=what, tune=tune_dir))
+
+
 def restore_tuner(exp: ExperimentConfig, data: FaceDataset, resources: dict[str, float], storage: Path
                   ) -> tune.Tuner:
     """Continue a study whose driver stopped: unfinished trials resume from their last checkpoint."""
+    check_resumable(storage / "tune")
     path = str((storage / "tune").resolve())
-    if not tune.Tuner.can_restore(path):
-        raise FileNotFoundError(f"{path}: no Ray Tune experiment state to resume (tuner.pkl missing)")
     return tune.Tuner.restore(path, trainable=make_trainable(exp, data, resources),
                               resume_unfinished=True, resume_errored=True)

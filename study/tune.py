@@ -27,7 +27,7 @@ from study.common import load_data, record_run, setup_logging
 from study.experiment import ExperimentConfig, load_experiment
 from study.results import best_trial, refit_best, top_table, write_best, write_outputs
 from study.runtime import start_ray, trial_resources
-from study.search import make_tuner, restore_tuner
+from study.search import check_resumable, make_tuner, restore_tuner
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
     """The experiment config and its results folder (the saved config when resuming)."""
     if args.resume:
         out = Path(args.resume)
+        check_resumable(out / "tune")  # before Ray starts: a torn state is refused at once
         return load_experiment(str(out / "config.toml"), args.overrides), out
     config = args.config or str(DEFAULT_CONFIG)
     exp = load_experiment(config, args.overrides, SMOKE if args.smoke_test else None)

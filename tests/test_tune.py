@@ -19,6 +19,7 @@ from fer_core.data import image_id
 from study import evaluate
 from study.experiment import load_experiment
 from study.results import best_trial, summary_table
+from study.search import check_resumable
 from study.trainable import make_trainers
 from tests.helpers import bar_dataset
 
@@ -59,6 +60,35 @@ def test_summary_keeps_epochs_run_apart_from_a_searched_epoch_budget():
     summary = summary_table([result("a", 6, 40, False), result("b", 20, 20, True)]).set_index("trial_id")
     assert summary.loc["a", ["epochs_run", "epochs", "status"]].tolist() == [6, 40, "pruned"]
     assert summary.loc["b", ["epochs_run", "epochs", "status"]].tolist() == [20, 20, "completed"]
+
+
+@pytest.mark.parametrize("torn, content", [
+    ("experiment_state-2026-01-02_00-00-00.json", ""),
+    ("experiment_state-2026-01-02_00-00-00.json", '{"trial_data": [['),
+    ("searcher-state-2026-01-02_00-00-00.pkl", ""),
+    ("search_gen_state-2026-01-02_00-00-00.json", ""),
+])
+def test_resume_refuses_an_experiment_state_cut_short_by_a_kill(tmp_path, torn, content):
+    tune_dir = tmp_path / "tune"
+    tune_dir.mkdir()
+    (tune_dir / "tuner.pkl").write_bytes(b"tuner")
+    for stamp in ("2026-01-01_00-00-00", "2026-01-02_00-00-00"):  # a resumed study has one per session
+        (tune_dir / f"experiment_state-{stamp}.json").write_text('{"trial_data": []}')
+        (tune_dir / f"searcher-state-{stamp}.pkl").write_bytes(b"searcher")
+        (tune_dir / f"search_gen_state-{stamp}.json").write_bytes(b"\x80\x05 a pickle, despite its name")
+    check_resumable(tune_dir)  # complete: accepted
+    (tune_dir / torn).write_text(content)
+    with pytest.raises(ValueError, match=f"{torn}: the file is (empty|not complete JSON).*new results_dir"):
+        check_resumable(tune_dir)
+    # only the newest counts: an older session's file cut short is not what Tune restores from
+    (tune_dir / torn).write_text('{"trial_data": []}')
+    (tune_dir / torn.replace("01-02", "01-01")).write_text(content)
+    check_resumable(tune_dir)
+
+
+def test_resume_without_a_study_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tuner.pkl missing"):
+        check_resumable(tmp_path / "tune")
 
 
 def run_tune(args, results_dir):
@@ -173,21 +203,37 @@ def resumed_from_checkpoint(study: Path) -> int:
     return count
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    config = tmp_path / "study.toml"
-    config.write_text(STUDY)
-    killed, fresh = tmp_path / "a", tmp_path / "b"
-    # a SIGKILL can land while a checkpoint is being stored: its temporary folder goes to tmp_path
-    (tmp_path / "killed_tmp").mkdir()
-    proc = launch(["--config", str(config), f"results_dir={killed}"], ROOT, tmpdir=tmp_path / "killed_tmp")
+def kill_part_way(config: Path, results: Path, tmpdir: Path) -> None:
+    """Start the study and SIGKILL its driver once some trial is part way through."""
+    # a SIGKILL can land while a checkpoint is being stored: its temporary folder goes to tmpdir
+    tmpdir.mkdir()
+    proc = launch(["--config", str(config), f"results_dir={results}"], ROOT, tmpdir=tmpdir)
     deadline = time.time() + 240
-    while not trial_part_way(killed / "killme", EPOCHS) and proc.poll() is None and time.time() < deadline:
+    while not trial_part_way(results / "killme", EPOCHS) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     assert proc.poll() is None, "the study finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (killed / "killme" / "trials.parquet").exists()
-    time.sleep(2)
+    assert not (results / "killme" / "trials.parquet").exists()
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    config = tmp_path / "study.toml"
+    config.write_text(STUDY)
+    fresh = tmp_path / "b"
+    # Tune copies its experiment state into the results folder in the background; a kill during the
+    # copy leaves it torn, and --resume then refuses it (test above). Kill again, in a new folder.
+    for attempt in range(3):
+        killed = tmp_path / f"a{attempt}"
+        kill_part_way(config, killed, tmp_path / f"killed_tmp{attempt}")
+        time.sleep(2)
+        try:
+            check_resumable(killed / "killme" / "tune")
+            break
+        except ValueError as err:
+            print(f"attempt {attempt}: {err}")
+    else:
+        pytest.fail("three kills in a row tore Tune's experiment state")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     resumed = launch(["--resume", str(killed / "killme")], ROOT, tmpdir=scratch)
