@@ -167,8 +167,10 @@ def check_resumable(tune_dir: Path) -> None:
 
 def restore_tuner(exp: ExperimentConfig, data: FaceDataset, resources: dict[str, float], storage: Path
                   ) -> tune.Tuner:
-    """Continue a study whose driver stopped: unfinished trials resume from their last checkpoint."""
-    check_resumable(storage / "tune")
+    """Continue a study whose driver stopped: unfinished trials resume from their last checkpoint.
+
+    The caller checks the folder first with :func:`check_resumable` (``study.tune`` does, before Ray starts).
+    """
     path = str((storage / "tune").resolve())
     return tune.Tuner.restore(path, trainable=make_trainable(exp, data, resources),
                               resume_unfinished=True, resume_errored=True)

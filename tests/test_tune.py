@@ -86,6 +86,17 @@ def test_resume_refuses_an_experiment_state_cut_short_by_a_kill(tmp_path, torn, 
     check_resumable(tune_dir)
 
 
+def test_tune_resume_refuses_a_torn_state_before_starting_ray(tmp_path, monkeypatch):
+    from study import tune
+
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "tuner.pkl").write_bytes(b"tuner")
+    (tmp_path / "tune" / "experiment_state-2026-01-01_00-00-00.json").write_text("")
+    monkeypatch.setattr(tune, "start_ray", lambda *a: pytest.fail("Ray started on a torn state"))
+    with pytest.raises(ValueError, match="experiment_state-2026-01-01_00-00-00.json: the file is empty"):
+        tune.main(["--resume", str(tmp_path)])
+
+
 def test_resume_without_a_study_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="tuner.pkl missing"):
         check_resumable(tmp_path / "tune")
