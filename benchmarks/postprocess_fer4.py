@@ -27,7 +27,7 @@ Both rules need each test image's gender at prediction time. Run (from the repos
 
 ``RESULTS_DIR`` is a bias sweep's folder (``predictions.parquet`` and ``config.toml``), e.g.
 ``results/bias-fer4`` of ``benchmarks/bias_fer4.py``; ``--data`` the canonical dataset it was trained on
-(default: the path in its config).
+(default: its config's data, synthetic faces included).
 """
 
 from __future__ import annotations
@@ -39,27 +39,35 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from fairlearn.metrics import MetricFrame
 from scipy.optimize import differential_evolution
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bias_fer4  # noqa: E402  (the sweep benchmark's verdict, shared)
 
 from fer_core.bias import apply_bias, bias_rng  # noqa: E402
-from fer_core.data import load_dataset  # noqa: E402
 from fer_core.fairness import paired_tests, unit_intervals  # noqa: E402
 from study.bias_sweep import fold_rows  # noqa: E402
+from study.common import load_data  # noqa: E402
 from study.sweep_config import load_sweep  # noqa: E402
 
 F1_TOLERANCE = 0.005    # the audit fit may lose this much macro-F1 on its own half
 BOUND = 3.0             # offsets searched in [-BOUND, BOUND] (log-probability units)
 _NO_FILE = "{0}: not found; give a bias sweep's results folder (predictions.parquet, config.toml)"
+_NOT_GENDER = ("{0}: sweep.attr is {1!r}; this benchmark measures the Female/Male gap of a sweep whose "
+               "target attribute is gender")
 _MISMATCH = ("{0} fold {1}: the rebuilt test fold differs from the sweep's test images; give --data the "
              "dataset the sweep was trained on")
 
 
 def prior_offsets(labels: np.ndarray, groups: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
-    """``log p(c) - log p(c | g)`` per group of the training rows (add-one counts)."""
+    """``log p(c) - log p(c | g)`` per group of the training rows (add-one counts).
+
+    A group with no training row (no woman at representational 1.0) gets no offset: the model learnt
+    no prior for it to undo.
+    """
     overall = np.bincount(labels, minlength=n_classes) + 1.0
     out = {}
     for g in np.unique(groups):
@@ -70,34 +78,34 @@ def prior_offsets(labels: np.ndarray, groups: np.ndarray, n_classes: int) -> dic
 
 def apply_offsets(logp: np.ndarray, groups: np.ndarray, offsets: dict[str, np.ndarray]) -> np.ndarray:
     """Adjusted log-probabilities: each row plus its group's offset (0 for a group without one)."""
-    shift = np.stack([offsets.get(g, np.zeros(logp.shape[1])) for g in groups])
+    shift = np.zeros_like(logp)
+    for group, offset in offsets.items():
+        shift[groups == group] = offset
     return logp + shift
 
 
 def _scores(y: np.ndarray, pred: np.ndarray, male: np.ndarray, n_classes: int) -> tuple[float, float, float]:
-    """(accuracy gap, balanced-accuracy gap, macro-F1); gaps are Male - Female, as in the sweep."""
-    gaps = []
-    for balanced in (False, True):
-        side = []
-        for mask in (male, ~male):
-            if balanced:
-                cells = [mask & (y == c) for c in range(n_classes)]
-                side.append(np.mean([np.mean(pred[cell] == c) for c, cell in enumerate(cells) if cell.any()]))
-            else:
-                side.append(np.mean(pred[mask] == y[mask]))
-        gaps.append(side[0] - side[1])
-    cm = np.bincount(y * n_classes + pred, minlength=n_classes ** 2).reshape(n_classes, n_classes)
-    tp, denom = np.diag(cm), cm.sum(0) + cm.sum(1)
-    f1 = np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))
-    return gaps[0], gaps[1], float(f1)
+    """(accuracy gap, balanced-accuracy gap, macro-F1), fast enough to sit inside the offset search.
+
+    Gaps are Male - Female, as in the sweep; classes absent from both the labels and the predictions are
+    left out of macro-F1, as scikit-learn does.
+    """
+    k = n_classes
+    cms = [np.bincount(y[m] * k + pred[m], minlength=k * k).reshape(k, k) for m in (male, ~male)]
+    acc = [np.trace(cm) / cm.sum() for cm in cms]
+    bal = [np.mean(np.diag(cm)[cm.sum(1) > 0] / cm.sum(1)[cm.sum(1) > 0]) for cm in cms]
+    total = cms[0] + cms[1]
+    tp, denom = np.diag(total), total.sum(0) + total.sum(1)
+    return acc[0] - acc[1], bal[0] - bal[1], float(np.mean(2 * tp[denom > 0] / denom[denom > 0]))
 
 
-def fit_audit_offsets(logp: np.ndarray, y: np.ndarray, groups: np.ndarray, metric: str, seed: int
-                      ) -> dict[str, np.ndarray]:
+def fit_audit_offsets(logp: np.ndarray, y: np.ndarray, groups: np.ndarray, metric: str, seed: int,
+                      generations: int = 60) -> dict[str, np.ndarray]:
     """Per-group offsets (Female, Male; class 0 fixed at 0) that shrink ``metric``'s gap on these rows.
 
     Minimises ``|gap| + 10 * max(0, F1_0 - F1_TOLERANCE - F1)``: the gap, and a steep price for macro-F1
-    lost beyond the tolerance.
+    lost beyond the tolerance. ``generations``: the search's budget (differential evolution's
+    ``maxiter``).
     """
     n_classes, male = logp.shape[1], groups == "Male"
     which = 0 if metric == "accuracy_gap" else 1
@@ -112,32 +120,36 @@ def fit_audit_offsets(logp: np.ndarray, y: np.ndarray, groups: np.ndarray, metri
         return abs(s[which]) + 10 * max(0.0, f1_0 - F1_TOLERANCE - s[2])
 
     bounds = [(-BOUND, BOUND)] * (2 * (n_classes - 1))
-    found = differential_evolution(cost, bounds, seed=seed, maxiter=60, popsize=12, tol=0, polish=False,
-                                   init="sobol", x0=np.zeros(len(bounds)))
+    found = differential_evolution(cost, bounds, seed=seed, maxiter=generations, popsize=12, tol=0,
+                                   polish=False, init="sobol", x0=np.zeros(len(bounds)))
     return unpack(found.x)
 
 
-def audit_predictions(logp: np.ndarray, y: np.ndarray, groups: np.ndarray, metric: str, seed: int
-                      ) -> np.ndarray:
+def audit_predictions(logp: np.ndarray, y: np.ndarray, groups: np.ndarray, metric: str, seed: int,
+                      generations: int = 60) -> np.ndarray:
     """Cross-fitted predictions: each half scored by offsets fitted on the other half only."""
     strata = np.char.add(groups.astype(str), y.astype(str))
     pred = np.full(len(y), -1)
     halves = StratifiedKFold(n_splits=2, shuffle=True, random_state=seed).split(logp, strata)
     for fit_rows, score_rows in halves:
-        offsets = fit_audit_offsets(logp[fit_rows], y[fit_rows], groups[fit_rows], metric, seed)
+        offsets = fit_audit_offsets(logp[fit_rows], y[fit_rows], groups[fit_rows], metric, seed, generations)
         pred[score_rows] = apply_offsets(logp[score_rows], groups[score_rows], offsets).argmax(1)
     return pred
 
 
-def postprocessed(preds: pd.DataFrame, sweep_dir: Path, data: str | None, seed: int = 0) -> pd.DataFrame:
+def postprocessed(preds: pd.DataFrame, sweep_dir: Path, data: str | None, seed: int = 0,
+                  generations: int = 60) -> pd.DataFrame:
     """Every rule's predictions for every unmitigated run of the sweep, tagged as a new mitigation.
 
-    ``seed`` (with the fold) seeds the audit halves and the offset search.
+    ``seed`` (with the fold) seeds the audit halves and the offset search; ``generations`` is the
+    search's budget.
     """
     exp = load_sweep(str(sweep_dir / "config.toml"))
-    ds = load_dataset(data or exp.data.path)
+    ds = load_data(data) if data else load_data(exp.data.path, exp.data.synthetic)
     classes = list(ds.classes)
     attr = exp.sweep.attr
+    if attr != "gender":
+        raise SystemExit(_NOT_GENDER.format(sweep_dir / "config.toml", attr))
     conditions = {(s.kind, float(s.level)): s for s in exp.sweep.conditions()}
     manifest_groups = ds.manifest[attr].fillna("unknown").astype(str).to_numpy()
     folds = {}
@@ -162,7 +174,7 @@ def postprocessed(preds: pd.DataFrame, sweep_dir: Path, data: str | None, seed: 
         for name, metric in (("audit-acc", "accuracy_gap"), ("audit-bal", "balanced_accuracy_gap")):
             pred = logp.argmax(1)  # images of unknown gender keep the model's answer
             pred[known] = audit_predictions(logp[known], y[known], groups[known], metric,
-                                            seed=1000 * seed + int(fold))
+                                            seed=1000 * seed + int(fold), generations=generations)
             rules[name] = pred
         for name, pred in rules.items():
             out.append(run.assign(mitigation=name, run_id=f"{run_id}+{name}",
@@ -171,13 +183,43 @@ def postprocessed(preds: pd.DataFrame, sweep_dir: Path, data: str | None, seed: 
     return pd.concat([base, *out], ignore_index=True)
 
 
+def group_levels(table: pd.DataFrame, units: pd.DataFrame) -> None:
+    """Each group's accuracy and balanced accuracy under every rule, where a gender gap is detectable.
+
+    A gap can close by reading the worse-off group better or the better-off group worse; the verdict
+    alone does not say which.
+    """
+    gaps = units[(units["attribute"] == "gender") & (units["mitigation"] == "none")
+                 & units["metric"].isin(["accuracy_gap", "balanced_accuracy_gap"])]
+    shown = gaps[gaps["p_value"] < 0.05][["arch", "bias_kind", "bias_level"]].drop_duplicates()
+    print("\n== per group, where a gap is detectable (%, mean over folds; macro-F1 of the images of "
+          "known gender): accuracy / balanced accuracy ==")
+    for arch, kind, level in shown.itertuples(index=False):
+        cond = table[(table["arch"] == arch) & (table["bias_kind"] == kind) & (table["bias_level"] == level)
+                     & table["gender"].isin(["Female", "Male"])]
+        for rule, run in cond.groupby("mitigation", sort=True):
+            frame = MetricFrame(metrics={"acc": accuracy_score, "bal": balanced_accuracy_score},
+                                y_true=run["y_true"], y_pred=run["y_pred"],
+                                sensitive_features=run["gender"].astype(str).rename("gender"),
+                                control_features=run["fold"].rename("fold"))
+            by = 100 * frame.by_group.groupby(level="gender").mean()
+            f1 = 100 * np.mean([f1_score(g["y_true"], g["y_pred"], average="macro")
+                                for _, g in run.groupby("fold")])
+            print(f"{arch:9s} {kind:16s} {level:<5g} {rule:10s} Female {by.loc['Female', 'acc']:.1f} / "
+                  f"{by.loc['Female', 'bal']:.1f}  Male {by.loc['Male', 'acc']:.1f} / "
+                  f"{by.loc['Male', 'bal']:.1f}  macro-F1 {f1:.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("results", help="a bias sweep's results folder")
     p.add_argument("--data", help="canonical dataset the sweep used (default: its config's data.path)")
     p.add_argument("--seed", type=int, default=0, help="seed of the audit halves and the offset search")
-    p.add_argument("--out", help="also write the post-processed predictions table to this Parquet file")
+    p.add_argument("--generations", type=int, default=60,
+                   help="budget of each audit offset search (differential evolution generations)")
+    p.add_argument("--out", help="also write the predictions table with every rule's rows to this Parquet "
+                   "file (y_pred is the rule's answer; the p_<class> columns stay the model's)")
     args = p.parse_args(argv)
     sweep_dir = Path(args.results)
     for name in ("predictions.parquet", "config.toml"):
@@ -186,14 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     preds = pd.read_parquet(sweep_dir / "predictions.parquet")
     group = preds["bias_group"].iloc[0]
-    table = postprocessed(preds, sweep_dir, args.data, args.seed)
+    table = postprocessed(preds, sweep_dir, args.data, args.seed, args.generations)
     if args.out:
         table.to_parquet(args.out, index=False)
-    print(f"post-processed {table['run_id'].nunique()} runs in {time.perf_counter() - start:.0f} s")
+    rules = sorted(set(table["mitigation"]) - {"none"})
+    print(f"post-processed {table.loc[table['mitigation'] == 'none', 'run_id'].nunique()} unmitigated runs "
+          f"with {len(rules)} rules ({', '.join(rules)}) in {time.perf_counter() - start:.0f} s")
     paired = paired_tests(table, ["gender"], focus={"gender": group})
     units = unit_intervals(table, ["gender"], focus={"gender": group})
     for metric in ("accuracy_gap", "balanced_accuracy_gap"):
         bias_fer4.target_verdict(bias_fer4.mitigation_effects(paired, units, metric), metric)
+    group_levels(table, units)
     return 0
 
 

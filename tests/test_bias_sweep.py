@@ -7,6 +7,7 @@ the second level on), and nothing is planted on age (its gap and its change must
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -19,7 +20,9 @@ from PIL import Image
 
 from fer_core.checkpoint import load_model
 from fer_core.config import TrainConfig, to_dict, to_toml
+from fer_core.data import save_dataset
 from fer_core.fairness import FAIRNESS_COLUMNS, GAP_METRICS, PAIRED_COLUMNS, unit_intervals
+from fer_core.synthetic import SyntheticConfig, make_dataset
 from study import bias_sweep, evaluate
 from study.sweep_config import load_sweep, recipes, run_grid
 
@@ -156,6 +159,40 @@ def test_a_sweeps_model_scores_its_test_fold_again_through_study_evaluate(sweep,
     runs = pd.read_parquet(out / "runs.parquet").set_index("run_id")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert metrics["accuracy"] == pytest.approx(runs.loc[run_id, "accuracy"])
+
+
+def _benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.ray
+def test_postprocess_benchmark_scores_each_test_image_once_per_rule(sweep, tmp_path, capsys):
+    post = _benchmark("postprocess_fer4")
+    out = tmp_path / "post.parquet"
+    assert post.main([str(sweep[0]), "--out", str(out), "--generations", "3"]) == 0  # a short search
+    printed = capsys.readouterr().out
+    assert "== target on the gender gap" in printed and "== target on the gender balanced gap" in printed
+    table = pd.read_parquet(out)
+    base = table[table["mitigation"] == "none"].set_index(["run_id", "image_id"]).sort_index()
+    assert len(base) == len(pd.read_parquet(sweep[0] / "predictions.parquet"))  # the sweep has no mitigation
+    for rule in ("prior", "prior-half", "audit-acc", "audit-bal"):
+        rows = table[table["mitigation"] == rule].copy()
+        rows["run_id"] = rows["run_id"].str.removesuffix(f"+{rule}")
+        rows = rows.set_index(["run_id", "image_id"]).sort_index()
+        assert rows.index.equals(base.index), rule
+        assert rows["y_true"].equals(base["y_true"]) and rows["gender"].equals(base["gender"])
+        assert rows["y_pred"].isin(["Focused", "Happy", "Neutral", "Surprised"]).all()
+
+
+@pytest.mark.ray
+def test_postprocess_benchmark_refuses_a_dataset_the_sweep_did_not_use(sweep, tmp_path):
+    post = _benchmark("postprocess_fer4")
+    other = save_dataset(make_dataset(SyntheticConfig(n=1200, seed=5, image_size=32)), tmp_path / "other")
+    with pytest.raises(SystemExit, match="differs from the sweep's test images; give --data"):
+        post.main([str(sweep[0]), "--data", str(other)])
 
 
 @pytest.mark.ray

@@ -13,10 +13,12 @@ post = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(post)
 
 
-def test_fast_scores_agree_with_scikit_learn():
+@pytest.mark.parametrize("absent", [None, 2])
+def test_fast_scores_agree_with_scikit_learn(absent):
     rng = np.random.default_rng(0)
     y, pred = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
-    pred[:5] = 3  # and a class never predicted for some rows
+    if absent is not None:  # a class neither in the labels nor in the predictions
+        y[y == absent], pred[pred == absent] = 0, 1
     male = rng.random(300) < 0.4
     acc_gap, bal_gap, f1 = post._scores(y, pred, male, 4)
     assert acc_gap == pytest.approx(accuracy_score(y[male], pred[male])
@@ -71,7 +73,7 @@ def test_audit_predictions_score_each_image_with_offsets_fitted_without_it(monke
     logp, y, groups = _planted(n=80)
     fitted = []
 
-    def fake_fit(lp, yy, gg, metric, seed):
+    def fake_fit(lp, yy, gg, metric, seed, generations):
         # remember the rows (by their unique log-probabilities) and answer "class k" for call k
         fitted.append({tuple(row) for row in np.round(lp, 9)})
         k = len(fitted) - 1
