@@ -191,7 +191,8 @@ def group_levels(table: pd.DataFrame, units: pd.DataFrame) -> None:
     """
     gaps = units[(units["attribute"] == "gender") & (units["mitigation"] == "none")
                  & units["metric"].isin(["accuracy_gap", "balanced_accuracy_gap"])]
-    shown = gaps[gaps["p_value"] < 0.05][["arch", "bias_kind", "bias_level"]].drop_duplicates()
+    detectable = gaps[gaps["p_value"].map(bias_fer4.detectable)]
+    shown = detectable[["arch", "bias_kind", "bias_level"]].drop_duplicates()
     print("\n== per group, where a gap is detectable (%, mean over folds; macro-F1 of the images of "
           "known gender): accuracy / balanced accuracy ==")
     for arch, kind, level in shown.itertuples(index=False):
