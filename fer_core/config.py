@@ -55,6 +55,8 @@ class TrainConfig:
     dropout: float = 0.3
     aug_strength: float = 1.0
     mixup: float = 0.0
+    erase: float = 0.0
+    ema: float = 0.0
     patience: int = 20
     val_fraction: float = 0.1
     seed: int = 0
@@ -79,6 +81,8 @@ class TrainConfig:
         _check(where, "aug_strength", self.aug_strength, self.aug_strength >= 0, ">= 0")
         _check(where, "mixup", self.mixup, math.isfinite(self.mixup) and self.mixup >= 0,
                "finite and >= 0 (0: off)")
+        _check(where, "erase", self.erase, 0 <= self.erase <= 1, "a probability in [0, 1] (0: off)")
+        _check(where, "ema", self.ema, 0 <= self.ema < 1, "a decay in [0, 1) (0: off)")
 
 
 @dataclass(frozen=True)
@@ -226,7 +230,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # Training keys added after results were first written, with their defaults. While a key is at its
 # default it is left out of the hash, so results written before it existed still match their
 # configuration (a resumed study or sweep keeps them instead of training them again).
-LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0}
+LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0}
 
 
 def config_hash(cfg: Any) -> str:

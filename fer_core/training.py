@@ -2,8 +2,11 @@
 
 Images are decoded once into a tensor that stays on the training device; epochs index into it, so no
 file is read after the start. Augmentation runs on training batches only, on the device (random flip,
-small shifts, rotations and scaling per image, and brightness/contrast jitter; with ``mixup`` > 0 each
-batch is also blended with a shuffled copy of itself, its weight drawn from Beta(mixup, mixup)).
+small shifts, rotations and scaling per image, and brightness/contrast jitter; with ``erase`` > 0 a random
+rectangle of that share of the images is blanked; with ``mixup`` > 0 each batch is also blended with a
+shuffled copy of itself, its weight drawn from Beta(mixup, mixup)). With ``ema`` > 0 an exponential moving
+average of the weights (:class:`torch.optim.swa_utils.AveragedModel`) is what is validated, selected and
+returned.
 Validation for early stopping is carved from the training data by the caller (see
 :func:`fer_core.splits.carve_validation`).
 
@@ -31,6 +34,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fer_core.config import TrainConfig
 from fer_core.fairness import accuracy_gap
@@ -56,14 +60,20 @@ def to_tensor(pixels: np.ndarray, mean: float, std: float, device: torch.device)
     return ((x.float() / 255.0 - mean) / std).unsqueeze(1)
 
 
-def augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, strength: float, gen: torch.Generator, erase: float = 0.0) -> torch.Tensor:
     """Random per-image flip, rotation (±10°), shift (±10%), scale (±10%) and brightness/contrast.
 
     torchvision's transforms draw one set of parameters per call, which would move a whole batch the
-    same way; here each image gets its own affine matrix, applied in one ``grid_sample`` call.
+    same way; here each image gets its own affine matrix, applied in one ``grid_sample`` call. With
+    ``erase`` > 0, each image then has that probability of a random rectangle being blanked
+    (:func:`erase_patches`, after the jitter); ``erase`` is not scaled by ``strength``.
     """
-    if strength <= 0:
-        return x
+    if strength > 0:
+        x = _affine_jitter(x, strength, gen)
+    return erase_patches(x, erase, gen) if erase > 0 else x
+
+
+def _affine_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
     b = x.shape[0]
 
     def uniform(scale: float) -> torch.Tensor:  # (B,) in [-scale, scale]
@@ -80,6 +90,32 @@ def augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Ten
     out = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     contrast, brightness = 1 + uniform(0.2), uniform(0.2)
     return out * contrast.view(b, 1, 1, 1) + brightness.view(b, 1, 1, 1)
+
+
+def erase_patches(x: torch.Tensor, p: float, gen: torch.Generator, area: tuple[float, float] = (0.02, 0.25),
+                  ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """Random erasing per image: with probability ``p``, one rectangle set to 0 (the normalised mean).
+
+    The rectangle covers a uniform share ``area`` of the image, with an aspect ratio log-uniform in
+    ``ratio``, at a uniform position (as torchvision's ``RandomErasing`` draws them, which erases the
+    same rectangle in a whole batch: here every image draws its own, in one masked fill).
+    """
+    b, _, h, w = x.shape
+
+    def rand() -> torch.Tensor:
+        return torch.rand(b, generator=gen, device=x.device)
+
+    on = rand() < p
+    share = area[0] + rand() * (area[1] - area[0])
+    log_r = math.log(ratio[0]) + rand() * (math.log(ratio[1]) - math.log(ratio[0]))
+    eh = (share * h * w * torch.exp(log_r)).sqrt().round().clamp(1, h)
+    ew = (share * h * w / torch.exp(log_r)).sqrt().round().clamp(1, w)
+    top, left = (rand() * (h - eh + 1)).floor(), (rand() * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
+              & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1)) & on.view(b, 1, 1))
+    return x.masked_fill(inside.unsqueeze(1), 0.0)
 
 
 @dataclass
@@ -150,6 +186,9 @@ class Trainer:
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
+        # the weights that are validated, kept and returned: the trained ones, or their moving average
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+                    if cfg.ema > 0 else None)
         self.optimizer = make_optimizer(self.model, cfg)
         self.steps_per_epoch = max(1, len(self.x) // cfg.batch_size)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
@@ -191,7 +230,7 @@ class Trainer:
         start = time.perf_counter()
         metrics = train_one_epoch(self)
         if len(self.y_val):
-            val = evaluate(self.model, self.x_val, self.y_val, self.num_classes, self.cfg.batch_size * 4,
+            val = evaluate(self.eval_model, self.x_val, self.y_val, self.num_classes, self.cfg.batch_size * 4,
                            self.cfg.label_smoothing)
             metrics.update({f"val_{k}": v for k, v in val.items() if k != "probs"})
             if self.val_groups is not None:
@@ -200,7 +239,7 @@ class Trainer:
         score = metrics.get("val_macro_f1", float(self.epoch))
         if score > self.best_score:
             self.best_score, self.best_epoch, self.stale = score, self.epoch, 0
-            self.best_state = copy.deepcopy(self.model.state_dict())
+            self.best_state = copy.deepcopy(self.eval_model.state_dict())
             self.best_metrics = dict(metrics)
         else:
             self.stale += 1
@@ -208,13 +247,19 @@ class Trainer:
         self.epoch += 1
         return metrics
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network that is validated and kept: the moving average with ``ema``, else the trained one."""
+        return self.model if self.ema is None else self.ema.module
+
     def state_dict(self) -> dict:
         """Everything needed to continue training exactly where it stopped (tensors and numbers only)."""
         return {
             "model": self.model.state_dict(), "best_state": self.best_state,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "gen": self.gen.get_state(),
-            "q": getattr(self, "q", None), "epoch": self.epoch, "best_score": self.best_score,
+            "q": getattr(self, "q", None), "ema": None if self.ema is None else self.ema.state_dict(),
+            "epoch": self.epoch, "best_score": self.best_score,
             "best_epoch": self.best_epoch, "stale": self.stale, "best_metrics": self.best_metrics,
             "history": self.history,
         }
@@ -229,6 +274,8 @@ class Trainer:
         self.gen.set_state(state["gen"])
         if state["q"] is not None:
             self.q = state["q"].to(self.device)
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         for key in ("epoch", "best_score", "best_epoch", "stale", "best_metrics", "history"):
             setattr(self, key, state[key])
 
@@ -300,7 +347,7 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
     for i in range(tr.steps_per_epoch):
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         lam = None if lams is None else float(lams[i])
-        xb, perm = tr.mix(augment(tr.x[idx], cfg.aug_strength, tr.gen), lam)
+        xb, perm = tr.mix(augment(tr.x[idx], cfg.aug_strength, tr.gen, cfg.erase), lam)
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
                             enabled=tr.amp_dtype is not None):
             loss = tr.loss(model(xb), idx, perm, 1.0 if lam is None else lam)
@@ -309,6 +356,8 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
         tr.scaler.step(tr.optimizer)
         tr.scaler.update()
         tr.scheduler.step()
+        if tr.ema is not None:
+            tr.ema.update_parameters(model)
         total += loss.detach()
     # one host sync per epoch, not per batch
     return {"train_loss": float(total) / tr.steps_per_epoch, "lr": tr.optimizer.param_groups[0]["lr"]}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fer_core.config import TrainConfig
-from fer_core.training import Trainer, augment, balancing_weights, fit, group_cells
+from fer_core.training import Trainer, augment, balancing_weights, erase_patches, fit, group_cells
 from tests.helpers import bar_images
 
 FAST = dict(epochs=3, batch_size=16, lr=3e-3, patience=10)
@@ -52,6 +52,65 @@ def test_augment_is_per_image_and_off_at_zero_strength():
     assert out.shape == same.shape
     diffs = [(out[0] - out[i]).abs().mean().item() for i in range(1, 8)]
     assert min(diffs) > 0  # every copy was transformed differently
+
+
+def test_erase_blanks_one_rectangle_per_chosen_image():
+    x = torch.ones(400, 1, 48, 48)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(erase_patches(x, 0.0, gen), x)
+    out = erase_patches(x, 0.5, gen)
+    erased = out == 0
+    hit = erased.flatten(1).any(1)
+    assert 150 < int(hit.sum()) < 250  # about half of 400 images (binomial sd 10)
+    boxes = set()
+    for img in erased[hit, 0]:
+        rows, cols = img.any(1).nonzero().flatten(), img.any(0).nonzero().flatten()
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        assert img.sum() == (bottom - top) * (right - left)  # one solid rectangle, nothing else
+        assert 0.015 <= img.sum().item() / 48**2 <= 0.3  # area 2-25% of the image, up to rounding
+        boxes.add((int(top), int(left), int(bottom), int(right)))
+    assert len(boxes) > 0.9 * int(hit.sum())  # each image drew its own rectangle
+    assert torch.equal(out[~hit], x[~hit])
+    # in `augment` it comes on top of the jitter, and is drawn even with the jitter off
+    assert (augment(x[:64], 0.0, gen, erase=1.0) == 0).flatten(1).any(1).all()
+
+
+def test_ema_weights_are_the_moving_average_and_are_what_is_kept():
+    x, y = bar_images(64)
+    cfg = TrainConfig(epochs=2, batch_size=16, ema=0.8, val_fraction=0.0)
+    tr = Trainer(cfg, x, y, x[:0], y[:0], 4)
+    seen = []  # the trained weights after every optimizer step
+    tr.optimizer.register_step_post_hook(
+        lambda *_: seen.append({k: v.detach().clone() for k, v in tr.model.state_dict().items()}))
+    while not tr.done:
+        tr.step()
+    # weights and batch-norm statistics (batch counters are not averaged: they are not used here)
+    want = {k: v for k, v in seen[0].items() if v.is_floating_point()}
+    for state in seen[1:]:
+        want = {k: 0.8 * v + 0.2 * state[k] for k, v in want.items()}
+    kept = tr.result().model.state_dict()
+    assert len(seen) == 2 * tr.steps_per_epoch
+    for k, v in want.items():
+        assert torch.allclose(kept[k], v, atol=1e-6), k
+    assert not torch.allclose(kept["head.3.weight"], seen[-1]["head.3.weight"])  # not the last weights
+
+
+def test_ema_and_erase_resume_exactly():
+    x, y = bar_images(64)
+    cfg = TrainConfig(epochs=4, batch_size=16, ema=0.9, erase=0.5)
+    full = fit(cfg, x, y, x[:16], y[:16], 4)
+    first = Trainer(cfg, x, y, x[:16], y[:16], 4)
+    first.step()
+    first.step()
+    state, rng = first.state_dict(), torch.get_rng_state()
+    resumed = Trainer(cfg, x, y, x[:16], y[:16], 4)
+    resumed.load_state_dict(state)
+    torch.set_rng_state(rng)
+    while not resumed.done:
+        resumed.step()
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
+    plain = fit(TrainConfig(epochs=4, batch_size=16), x, y, x[:16], y[:16], 4)
+    assert [h["val_loss"] for h in plain.history] != [h["val_loss"] for h in full.history]
 
 
 def test_balancing_weights_equalise_cells():
