@@ -55,6 +55,14 @@ def fold_scores(frame: pd.DataFrame, archs: tuple[str, ...], classes: list[str])
                       for fold, g in scored.groupby("fold")})
 
 
+def paired_difference(f1: pd.Series, base: pd.Series) -> str:
+    """Mean per-fold difference in points, its 95% t interval over folds and the paired t-test's p."""
+    diff = (f1 - base).to_numpy() * 100
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    return (f"{diff.mean():+.1f} [{diff.mean() - half:+.1f}, {diff.mean() + half:+.1f}] points, "
+            f"p {stats.ttest_1samp(diff, 0).pvalue:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("predictions", nargs="+")
@@ -73,10 +81,7 @@ def main() -> None:
             line = (f"{' + '.join(combo):28s} per fold {np.round(f1.to_numpy(), 4).tolist()}  "
                     f"mean {f1.mean():.4f} ± {f1.std(ddof=1):.4f}")
             if combo != (args.base,):
-                diff = (f1 - base).to_numpy() * 100
-                half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
-                line += (f"  vs {args.base}: {diff.mean():+.1f} [{diff.mean() - half:+.1f}, "
-                         f"{diff.mean() + half:+.1f}] points, p {stats.ttest_1samp(diff, 0).pvalue:.2f}")
+                line += f"  vs {args.base}: {paired_difference(f1, base)}"
             print(line, flush=True)
 
 
