@@ -58,6 +58,8 @@ def fold_scores(frame: pd.DataFrame, archs: tuple[str, ...], classes: list[str])
 def paired_difference(f1: pd.Series, base: pd.Series) -> str:
     """Mean per-fold difference in points, its 95% t interval over folds and the paired t-test's p."""
     diff = (f1 - base).to_numpy() * 100
+    if len(diff) < 2:
+        return f"{diff.mean():+.1f} points (one fold: no interval)"
     half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
     return (f"{diff.mean():+.1f} [{diff.mean() - half:+.1f}, {diff.mean() + half:+.1f}] points, "
             f"p {stats.ttest_1samp(diff, 0).pvalue:.2f}")

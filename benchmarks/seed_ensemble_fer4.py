@@ -111,8 +111,13 @@ def ensemble_table(preds: pd.DataFrame, seeds: list[int], classes: list[str]) ->
                 f"vs {members[0]} flip: " + ensemble_fer4.paired_difference(f1, base))
             name = combo[0] if len(combo) == 1 else f"{len(combo)} seeds averaged"
             lines.append(f"{view:7s} {name:18s} per fold {np.round(f1.to_numpy(), 4).tolist()}  "
-                         f"mean {f1.mean():.4f} ± {f1.std(ddof=1):.4f}  {vs}")
+                         f"mean {f1.mean():.4f}{spread(f1)}  {vs}")
     return lines
+
+
+def spread(values: pd.Series) -> str:
+    """`` ± std`` over folds, or nothing for a single fold."""
+    return f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else ""
 
 
 def main() -> None:
@@ -150,8 +155,12 @@ def main() -> None:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             frames[-1].to_parquet(path)
-    print(f"{args.arch}, {args.k} folds, seeds {args.seeds}, overrides {args.overrides or 'none'}")
-    for line in ensemble_table(pd.concat(frames, ignore_index=True), args.seeds, list(full.classes)):
+    preds = pd.concat(frames, ignore_index=True)
+    if args.folds:
+        preds = preds[preds["fold"].isin(args.folds)]
+    print(f"{args.arch}, folds {sorted(preds['fold'].unique().tolist())} of {args.k}, seeds {args.seeds}, "
+          f"overrides {args.overrides or 'none'}")
+    for line in ensemble_table(preds, args.seeds, list(full.classes)):
         print(line, flush=True)
 
 
