@@ -77,22 +77,32 @@ def test_erase_blanks_one_rectangle_per_chosen_image():
 
 def test_ema_weights_are_the_moving_average_and_are_what_is_kept():
     x, y = bar_images(64)
-    cfg = TrainConfig(epochs=2, batch_size=16, ema=0.8, val_fraction=0.0)
+    cfg = TrainConfig(epochs=2, batch_size=16, ema=0.3, val_fraction=0.0)
     tr = Trainer(cfg, x, y, x[:0], y[:0], 4)
     seen = []  # the trained weights after every optimizer step
     tr.optimizer.register_step_post_hook(
         lambda *_: seen.append({k: v.detach().clone() for k, v in tr.model.state_dict().items()}))
     while not tr.done:
         tr.step()
-    # weights and batch-norm statistics (batch counters are not averaged: they are not used here)
+    # weights and batch-norm statistics (batch counters are not averaged: they are not used here); the
+    # decay warms up as min(decay, (1 + n) / (10 + n)) after n updates: 0.18, 0.25, then capped at 0.3
     want = {k: v for k, v in seen[0].items() if v.is_floating_point()}
-    for state in seen[1:]:
-        want = {k: 0.8 * v + 0.2 * state[k] for k, v in want.items()}
+    for n, state in enumerate(seen[1:], start=1):
+        d = min(0.3, (1 + n) / (10 + n))
+        want = {k: d * v + (1 - d) * state[k] for k, v in want.items()}
     kept = tr.result().model.state_dict()
     assert len(seen) == 2 * tr.steps_per_epoch
     for k, v in want.items():
         assert torch.allclose(kept[k], v, atol=1e-6), k
     assert not torch.allclose(kept["head.3.weight"], seen[-1]["head.3.weight"])  # not the last weights
+
+
+def test_ema_with_a_long_horizon_still_learns_in_a_short_run():
+    # without the warm-up, a decay of 0.999 over 60 steps keeps 94% of the random initial weights
+    x, y = bar_images(160, seed=0)
+    xv, yv = bar_images(40, seed=1)
+    result = fit(TrainConfig(epochs=6, batch_size=16, ema=0.999), x, y, xv, yv, 4)
+    assert max(h["val_accuracy"] for h in result.history) > 0.6  # chance is 0.25
 
 
 def test_ema_and_erase_resume_exactly():
