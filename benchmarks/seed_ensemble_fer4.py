@@ -31,12 +31,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ensemble_fer4  # noqa: E402  (per-image probability averaging and the paired difference)
-import kfold_fer4  # noqa: E402  (the fer4 import and the folds)
+import kfold_fer4  # noqa: E402  (the fer4 import and the fold runs)
 
-from fer_core.config import TrainConfig, config_hash, from_dict, parse_overrides  # noqa: E402
-from fer_core.crossval import train_on_split  # noqa: E402
-from fer_core.data import BASE_SUBSET, FaceDataset  # noqa: E402
-from fer_core.splits import kfold_splits  # noqa: E402
+from fer_core.config import SplitConfig, TrainConfig, config_hash, from_dict, parse_overrides  # noqa: E402
+from fer_core.crossval import prediction_frame  # noqa: E402
+from fer_core.data import FaceDataset  # noqa: E402
 from fer_core.training import to_tensor  # noqa: E402
 
 _CROSS = [(0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)]
@@ -64,15 +63,10 @@ def view_probs(model: nn.Module, x: torch.Tensor, shifts: list[tuple[int, int]])
 def seed_predictions(cfg: TrainConfig, full: FaceDataset, k: int, folds: list[int] | None = None
                      ) -> pd.DataFrame:
     """Test probabilities of ``cfg`` on the ``folds`` (default: all k): one row per (view, fold, image)."""
-    base_rows = np.flatnonzero(full.manifest["subset"].eq(BASE_SUBSET).to_numpy())
-    base = full.base()
-    splits = kfold_splits(base.labels, base.manifest["image_id"].to_numpy(), k, 0)
+    row_of = pd.Series(np.arange(len(full)), index=full.manifest["image_id"])
     frames = []
-    for fold, (train_idx, test_idx) in enumerate(splits):
-        if folds and fold not in folds:
-            continue
-        rows = base_rows[test_idx]
-        run = train_on_split(cfg, full, base_rows[train_idx], rows, fold=fold, split_seed=0)
+    for run in kfold_fer4.run_folds(cfg, SplitConfig(k=k), full, folds, extra=False):
+        rows = row_of.loc[run.predictions["image_id"]].to_numpy()
         model = run.result.model
         x = to_tensor(full.pixels[rows], run.result.mean, run.result.std, next(model.parameters()).device)
         for view, shifts in VIEWS.items():
@@ -80,12 +74,8 @@ def seed_predictions(cfg: TrainConfig, full: FaceDataset, k: int, folds: list[in
             if view == "flip":  # the same numbers every entry point scores
                 scored = run.predictions[[f"p_{c}" for c in full.classes]].to_numpy()
                 assert np.allclose(probs, scored, atol=1e-5), "flip view differs from the scored model"
-            frame = pd.DataFrame({"view": view, "fold": fold, "image_id": run.predictions["image_id"],
-                                  "y_true": run.predictions["y_true"]})
-            for j, c in enumerate(full.classes):
-                frame[f"p_{c}"] = probs[:, j]
-            frames.append(frame)
-        logging.info("seed %d fold %d: macro-F1 %.4f", cfg.seed, fold, run.metrics["macro_f1"])
+            frame = prediction_frame(full, rows, probs.argmax(1), probs)
+            frames.append(frame.assign(view=view, fold=run.fold))
     return pd.concat(frames, ignore_index=True).assign(seed=cfg.seed, recipe=recipe_hash(cfg))
 
 
