@@ -31,7 +31,7 @@ _BAD_RANGE = "{where}: key {key!r} must be {cond}, got {got!r}"
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
-MITIGATIONS = ("none", "resample", "reweight", "groupdro")
+MITIGATIONS = ("none", "resample", "reweight", "groupdro", "groupheads")
 
 
 @dataclass(frozen=True)

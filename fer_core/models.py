@@ -9,10 +9,15 @@ image (the old scripts' 160,000-input dense layer on upscaled images is gone).
 - ``variant1``: deeper, four stages of three 3x3 convolutions.
 - ``variant2``: larger kernels, three stages of two 5x5 convolutions (7x7 stem), narrower so that its
   cost stays comparable.
+
+:class:`GroupHeads` gives any of them one classifier per group of a protected attribute, for the
+``groupheads`` mitigation (domain-independent training); once trained it collapses into the plain
+architecture.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -87,6 +92,7 @@ class ConvNet(nn.Module):
     def __init__(self, widths: list[int], depth: int, kernel: int, stem_kernel: int, stem_width: int,
                  num_classes: int, in_chans: int, dropout: float, width: float = 1.0) -> None:
         super().__init__()
+        self.num_classes = num_classes
         widths = [_scaled(w, width) for w in widths]
         stem_width = _scaled(stem_width, width)
         # 48x48 -> 24x24 right after the stem: full-resolution stages cost most of the FLOPs and add
@@ -105,6 +111,49 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) for images (B, C, H, W)."""
         return self.head(self.stages(self.stem(x)))
+
+
+class GroupHeads(nn.Module):
+    """One linear classifier per group on a shared network: domain-independent training.
+
+    Wraps a network built with ``num_classes * n_groups`` outputs (Wang et al., "Towards fairness in
+    visual recognition", CVPR 2020). :meth:`group_logits` gives each group's own class logits
+    (B, n_groups, num_classes): training scores an image with its group's classifier only, so a class
+    that one group dominates in the training data cannot be learnt as "this group's faces". ``forward``
+    returns the sum over the groups' logits (B, num_classes), the prediction for a face whose group is not
+    known (at test time it never is).
+
+    The classifier is linear, so that sum is itself one linear layer: :meth:`collapse` returns the plain
+    network with ``num_classes`` outputs that computes exactly ``forward``, which is what is saved,
+    evaluated and ensembled.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, n_groups: int) -> None:
+        super().__init__()
+        if net.head[-1].out_features != num_classes * n_groups:
+            raise ValueError(f"GroupHeads: the network has {net.head[-1].out_features} outputs, "
+                             f"expected {num_classes} classes x {n_groups} groups")
+        self.net, self.num_classes, self.n_groups = net, num_classes, n_groups
+
+    def group_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_groups, num_classes): row g is group g's classifier."""
+        return self.net(x).view(len(x), self.n_groups, self.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes): the groups' logits summed."""
+        return self.group_logits(x).sum(1)
+
+    def collapse(self) -> nn.Module:
+        """The wrapped network with one classifier, the sum of the groups' (same outputs as ``forward``)."""
+        net = copy.deepcopy(self.net)
+        old = net.head[-1]
+        new = nn.Linear(old.in_features, self.num_classes).to(old.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(old.weight.view(self.n_groups, self.num_classes, -1).sum(0))
+            new.bias.copy_(old.bias.view(self.n_groups, self.num_classes).sum(0))
+        net.head[-1] = new
+        net.num_classes = self.num_classes
+        return net
 
 
 def _scaled(channels: int, width: float) -> int:

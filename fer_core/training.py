@@ -12,8 +12,10 @@ Validation for early stopping is carved from the training data by the caller (se
 
 Mitigations of group imbalance are training options here, so every entry point can use them:
 ``resample`` (draw each epoch with weights balancing class x group cells), ``reweight`` (weight each
-example's loss by the inverse size of its class x group cell) and ``groupdro`` (online group DRO:
-exponentiated-gradient weights on the groups' losses, so the worst group dominates).
+example's loss by the inverse size of its class x group cell), ``groupdro`` (online group DRO:
+exponentiated-gradient weights on the groups' losses, so the worst group dominates) and ``groupheads``
+(domain-independent training: one classifier per group on shared features, each image scored by its own
+group's classifier, the groups' logits summed to predict; see :class:`fer_core.models.GroupHeads`).
 
 :class:`Trainer` advances one epoch per :meth:`Trainer.step`; ``fit`` loops it and calls
 ``on_epoch_end(epoch, metrics)`` after each epoch (return ``False`` to stop). The search layer steps
@@ -39,7 +41,7 @@ from torch.optim.swa_utils import AveragedModel
 from fer_core.config import TrainConfig
 from fer_core.fairness import accuracy_gap
 from fer_core.metrics import macro_f1
-from fer_core.models import create_model
+from fer_core.models import GroupHeads, create_model
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +204,11 @@ class Trainer:
         self.y_val = np.asarray(val_labels)
         self.val_groups = val_groups
         self._setup_mitigation(np.asarray(train_labels), train_groups)
-        self.model = create_model(cfg.arch, num_classes=num_classes, dropout=cfg.dropout,
-                                  width=cfg.width).to(self.device)
+        self.model = create_model(cfg.arch, num_classes=num_classes * self.n_heads, dropout=cfg.dropout,
+                                  width=cfg.width)
+        if self.head_index is not None:
+            self.model = GroupHeads(self.model, num_classes, self.n_heads)
+        self.model = self.model.to(self.device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -223,7 +228,8 @@ class Trainer:
 
     def _setup_mitigation(self, labels: np.ndarray, groups: np.ndarray | None) -> None:
         cfg = self.cfg
-        self.sample_weights = self.loss_weights = self.group_index = None
+        self.sample_weights = self.loss_weights = self.group_index = self.head_index = None
+        self.n_heads = 1
         if cfg.mitigation == "none":
             return
         if groups is None:
@@ -236,6 +242,17 @@ class Trainer:
         elif cfg.mitigation == "reweight":
             self.loss_weights = torch.as_tensor(balancing_weights(cells), dtype=torch.float32,
                                                 device=self.device)
+        elif cfg.mitigation == "groupheads":
+            # one classifier per known group; an image of unknown group is scored by their sum (index
+            # n_heads), as a test image is
+            known = sorted(set(groups.astype(str)) - {"unknown"})
+            if not known:
+                raise ValueError(f"mitigation 'groupheads': no training image has a known "
+                                 f"{cfg.group_attr!r} group")
+            self.n_heads = len(known)
+            head = {g: i for i, g in enumerate(known)}
+            hid = np.array([head.get(g, self.n_heads) for g in groups.astype(str)])
+            self.head_index = torch.as_tensor(hid, device=self.device)
         else:  # groupdro: groups are the attribute's groups (unknown is a group of its own)
             gid = np.unique(groups.astype(str), return_inverse=True)[1]
             self.group_index = torch.as_tensor(gid, device=self.device)
@@ -302,10 +319,11 @@ class Trainer:
             setattr(self, key, state[key])
 
     def result(self) -> FitResult:
-        """The model with the best validation weights restored."""
+        """The model with the best validation weights restored (per-group classifiers summed into one)."""
         self.model.load_state_dict(self.best_state)
-        self.model.eval()
-        return FitResult(self.model, self.mean, self.std, self.best_epoch, self.history)
+        model = self.model.collapse() if isinstance(self.model, GroupHeads) else self.model
+        model.eval()
+        return FitResult(model, self.mean, self.std, self.best_epoch, self.history)
 
     def epoch_order(self) -> torch.Tensor:
         """Example indices for one epoch: a permutation, or a balanced draw when resampling."""
@@ -338,11 +356,13 @@ class Trainer:
 
         With mixup partners ``perm``, each input is ``lam`` of example ``idx`` and ``1 - lam`` of
         ``idx[perm]``: its loss is split the same way between the two labels, and each part gets the
-        weight (``reweight``) or counts toward the group (``groupdro``) of the example it came from.
+        weight (``reweight``), counts toward the group (``groupdro``) or is scored by the classifier
+        (``groupheads``, whose ``logits`` are (B, groups, C)) of the example it came from.
         """
         parts = [(1.0, idx)] if perm is None else [(lam, idx), (1.0 - lam, idx[perm])]
-        losses = [(w, rows, F.cross_entropy(logits.float(), self.y[rows], reduction="none",
-                                            label_smoothing=self.cfg.label_smoothing)) for w, rows in parts]
+        losses = [(w, rows, F.cross_entropy(self._logits_of(logits, rows).float(), self.y[rows],
+                                            reduction="none", label_smoothing=self.cfg.label_smoothing))
+                  for w, rows in parts]
         if self.loss_weights is not None:
             return sum(w * (ce * self.loss_weights[rows]).mean() for w, rows, ce in losses)
         if self.group_index is None:
@@ -359,6 +379,13 @@ class Trainer:
             self.q = self.q / self.q.sum()
         return (self.q * group_loss).sum()
 
+    def _logits_of(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits to score examples ``rows`` with: with ``groupheads``, each one's group classifier."""
+        if self.head_index is None:
+            return logits
+        with_sum = torch.cat([logits, logits.sum(1, keepdim=True)], dim=1)  # unknown group: the sum
+        return with_sum[torch.arange(len(rows), device=logits.device), self.head_index[rows]]
+
 
 def train_one_epoch(tr: Trainer) -> dict[str, float]:
     """One pass over the training data of ``tr``; returns ``train_loss`` and ``lr``."""
@@ -372,7 +399,8 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
         xb, perm = tr.mix(augment(tr.x[idx], cfg.aug_strength, tr.gen, cfg.erase), lam)
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
                             enabled=tr.amp_dtype is not None):
-            loss = tr.loss(model(xb), idx, perm, 1.0 if lam is None else lam)
+            logits = model.group_logits(xb) if tr.head_index is not None else model(xb)
+            loss = tr.loss(logits, idx, perm, 1.0 if lam is None else lam)
         tr.optimizer.zero_grad(set_to_none=True)
         tr.scaler.scale(loss).backward()
         tr.scaler.step(tr.optimizer)
@@ -402,7 +430,7 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256, flip
         if flip_tta:
             probs = (probs + F.softmax(model(xb.flip(-1)).float(), dim=1)) / 2
         out.append(probs.cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.head[-1].out_features))
+    return torch.cat(out).numpy() if out else np.zeros((0, model.num_classes))
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray, num_classes: int,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fer_core.models import count_flops, count_parameters, create_model, list_models
+from fer_core.models import GroupHeads, count_flops, count_parameters, create_model, list_models
 
 
 def test_registry_has_three_architectures():
@@ -57,3 +57,27 @@ def test_width_scales_every_convolution(name):
     assert create_model(name, width=2.0)(torch.zeros(2, 1, 48, 48)).shape == (2, 4)
     with pytest.raises(ValueError, match="width"):
         create_model(name, width=0.0)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_group_heads_predict_the_sum_of_the_groups_classifiers_and_collapse_to_the_plain_model(name):
+    torch.manual_seed(0)
+    heads = GroupHeads(create_model(name, num_classes=4 * 3), num_classes=4, n_groups=3).eval()
+    x = torch.randn(5, 1, 48, 48)
+    raw = heads.net(x)  # the wrapped network's 12 outputs: group 0's four classes, then group 1's, ...
+    per_group = heads.group_logits(x)
+    assert torch.equal(per_group[:, 1], raw[:, 4:8])
+    want = raw[:, 0:4] + raw[:, 4:8] + raw[:, 8:12]
+    assert torch.allclose(heads(x), want, atol=1e-5)
+    plain = heads.collapse().eval()
+    assert not isinstance(plain, GroupHeads) and plain.num_classes == 4
+    assert torch.allclose(plain(x), want, atol=1e-4)
+    # the collapsed weights load into the registered architecture, as saved models are rebuilt
+    rebuilt = create_model(name, num_classes=4)
+    rebuilt.load_state_dict(plain.state_dict())
+    assert torch.allclose(rebuilt.eval()(x), want, atol=1e-4)
+
+
+def test_group_heads_refuse_a_network_of_the_wrong_size():
+    with pytest.raises(ValueError, match="10 outputs, expected 4 classes x 3 groups"):
+        GroupHeads(create_model("main", num_classes=10), num_classes=4, n_groups=3)

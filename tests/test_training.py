@@ -133,7 +133,7 @@ def test_balancing_weights_equalise_cells():
     assert w.mean() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("mitigation", ["resample", "reweight", "groupdro"])
+@pytest.mark.parametrize("mitigation", ["resample", "reweight", "groupdro", "groupheads"])
 def test_mitigations_train_and_need_groups(mitigation):
     x, y = bar_images(64)
     g = np.where(np.arange(64) < 48, "M", "F")
@@ -216,3 +216,37 @@ def test_mixup_parts_keep_their_own_weight_and_group():
     partner_logits[4:][torch.arange(4), dro.y[perm][4:]] = 6.0  # ... inputs 4-7, group A's: read well
     dro.loss(partner_logits, torch.arange(8), perm, 0.0)
     assert dro.q[1] > dro.q[0]  # group B is the worse one, though positions 0-3 hold group A's indices
+
+
+def test_group_heads_score_each_image_with_its_own_groups_classifier():
+    x, y = bar_images(6)
+    g = np.array(["M", "F", "unknown", "M", "F", "F"])
+    tr = Trainer(TrainConfig(mitigation="groupheads", label_smoothing=0.0), x, y, x[:2], y[:2], 4, g)
+    assert tr.n_heads == 2  # F and M; an image of unknown group has no classifier of its own
+    torch.manual_seed(0)
+    logits = torch.randn(6, 2, 4)  # (image, group classifier, class); classifiers in sorted order: F, M
+    own = {"F": logits[:, 0], "M": logits[:, 1], "unknown": logits.sum(1)}  # unknown: as a test image
+    ce = torch.nn.functional.cross_entropy
+    want = torch.stack([ce(own[g[i]][i:i + 1], tr.y[i:i + 1]) for i in range(6)]).mean()
+    assert torch.isclose(tr.loss(logits, torch.arange(6)), want, atol=1e-6)
+    # with mixup, the partner's part is scored by the partner's classifier
+    perm = torch.tensor([1, 0, 3, 2, 5, 4])
+    part = torch.stack([ce(own[g[perm[i]]][i:i + 1], tr.y[perm[i]:perm[i] + 1]) for i in range(6)]).mean()
+    assert torch.isclose(tr.loss(logits, torch.arange(6), perm, 0.7), 0.7 * want + 0.3 * part, atol=1e-6)
+
+
+def test_group_heads_learn_and_return_the_summed_classifier_as_a_plain_model():
+    x, y = bar_images(160, seed=0)
+    xv, yv = bar_images(40, seed=1)
+    g = np.where(np.arange(160) % 3 == 0, "F", "M")
+    tr = Trainer(TrainConfig(epochs=4, batch_size=16, mitigation="groupheads"), x, y, xv, yv, 4, g)
+    while not tr.done:
+        tr.step()
+    assert max(h["val_accuracy"] for h in tr.history) > 0.6  # chance is 0.25
+    result = tr.result()
+    assert result.model.head[-1].out_features == 4 and result.model is not tr.model
+    with torch.no_grad():
+        want = tr.model.eval().group_logits(tr.x_val).sum(1)  # the trainer's model holds the best weights
+        assert torch.allclose(result.model(tr.x_val), want, atol=1e-4)
+    with pytest.raises(ValueError, match="no training image has a known 'gender' group"):
+        Trainer(TrainConfig(mitigation="groupheads"), x, y, xv, yv, 4, np.full(160, "unknown"))
