@@ -250,3 +250,17 @@ def test_group_heads_learn_and_return_the_summed_classifier_as_a_plain_model():
         assert torch.allclose(result.model(tr.x_val), want, atol=1e-4)
     with pytest.raises(ValueError, match="no training image has a known 'gender' group"):
         Trainer(TrainConfig(mitigation="groupheads"), x, y, xv, yv, 4, np.full(160, "unknown"))
+
+
+def test_group_heads_warn_about_a_group_with_no_training_image_of_a_class(caplog):
+    x, y = bar_images(64)
+    every_cell = np.where(np.arange(64) % 2 == 0, "F", "M")  # classes are shuffled: both groups in each
+    g = every_cell.copy()
+    g[(y == 2) & (g == "M")] = "F"  # no man in class 2
+    with caplog.at_level("WARNING", logger="fer_core.training"):
+        Trainer(TrainConfig(mitigation="groupheads"), x, y, x[:4], y[:4], 4, g)
+    assert "['M/class 2']" in caplog.text and "'gender' group / class cells" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fer_core.training"):
+        Trainer(TrainConfig(mitigation="groupheads"), x, y, x[:4], y[:4], 4, every_cell)
+    assert "no training image" not in caplog.text
