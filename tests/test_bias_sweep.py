@@ -3,7 +3,8 @@
 The ground truth is ``experiments/bias_synthetic.toml`` without its mitigations and with two levels (1200
 faces, 3 folds x 2 seeds, representational levels 0.5 and 1; 18 runs): women's expression cues are
 planted faint (a gender gap at level 0), the sweep removes women's training images (the gap must grow from
-the second level on), and nothing is planted on age (its gap and its change must include 0).
+the second level on), and nothing is planted on age (its gap and its changes must not be detected, the six
+tests held to a 5% family-wise error).
 """
 
 import dataclasses
@@ -92,15 +93,19 @@ def test_planted_representational_effect_is_found_from_level_2_up(sweep):
 
 @pytest.mark.ray
 def test_no_effect_where_none_was_planted(sweep, preds):
+    # Six tests of a true null (two gaps at level 0, two changes at each of two levels): at 5% each, one
+    # or more would flag an effect in about a quarter of samples (on one CPU type it did: three p-values
+    # of 0.023-0.029). The family is held to 5% (Bonferroni): each p-value must exceed 0.05 / 6.
     signed = unit_intervals(level0(preds), ["age"], focus={"age": "Baby"})
-    for metric in GAP_METRICS:
-        gap = signed[signed["metric"] == metric].iloc[0]
-        assert gap["direction"] == "Adult - Baby"
-        assert gap["ci_low"] < 0 < gap["ci_high"], gap
     paired = pd.read_parquet(sweep[0] / "paired.parquet")
     age = paired[(paired["comparison"] == "bias") & (paired["attribute"] == "age")]
     assert sorted(age["metric"]) == sorted(2 * list(GAP_METRICS))  # levels 0.5 and 1.0
-    assert ((age["ci_low"] < 0) & (age["ci_high"] > 0)).all(), age
+    family = 0.05 / (len(GAP_METRICS) + len(age))
+    for metric in GAP_METRICS:
+        gap = signed[signed["metric"] == metric].iloc[0]
+        assert gap["direction"] == "Adult - Baby"
+        assert gap["p_value"] > family, gap
+    assert (age["p_value"] > family).all(), age
 
 
 @pytest.mark.ray
