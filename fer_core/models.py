@@ -123,37 +123,68 @@ class GroupHeads(nn.Module):
     returns the sum over the groups' logits (B, num_classes), the prediction for a face whose group is not
     known (at test time it never is).
 
-    The classifier is linear, so that sum is itself one linear layer: :meth:`collapse` returns the plain
+    ``cells`` (n_groups, num_classes, bool) says which classes each group had training images of. A
+    group's classifier learns never to predict a class it never saw, and summed into every prediction
+    it would pull that class down for everybody; so where a group lacks classes, its classifier votes
+    only among the classes it saw, with its logits centred over them (a classifier's logits are defined
+    up to a constant per image, which the centring removes), and not at all on the others. With every
+    cell filled the prediction is the plain sum.
+
+    Both rules are linear, so the prediction is itself one linear layer: :meth:`collapse` returns the plain
     network with ``num_classes`` outputs that computes exactly ``forward``, which is what is saved,
     evaluated and ensembled.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int, n_groups: int) -> None:
+    def __init__(self, net: nn.Module, num_classes: int, n_groups: int, cells: torch.Tensor | None = None
+                 ) -> None:
         super().__init__()
         if net.head[-1].out_features != num_classes * n_groups:
             raise ValueError(f"GroupHeads: the network has {net.head[-1].out_features} outputs, "
                              f"expected {num_classes} classes x {n_groups} groups")
         self.net, self.num_classes, self.n_groups = net, num_classes, n_groups
+        self.register_buffer("mix", None if cells is None or bool(cells.all()) else _vote_matrix(cells),
+                             persistent=False)
 
     def group_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, n_groups, num_classes): row g is group g's classifier."""
         return self.net(x).view(len(x), self.n_groups, self.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes): the groups' logits summed."""
-        return self.group_logits(x).sum(1)
+        """Logits (B, num_classes): the groups' logits summed (each group's over its own classes)."""
+        if self.mix is None:
+            return self.group_logits(x).sum(1)
+        return torch.einsum("gyc,bgc->by", self.mix, self.group_logits(x))
 
     def collapse(self) -> nn.Module:
-        """The wrapped network with one classifier, the sum of the groups' (same outputs as ``forward``)."""
+        """The wrapped network with one classifier computing ``forward`` (the groups' combined)."""
         net = copy.deepcopy(self.net)
         old = net.head[-1]
         new = nn.Linear(old.in_features, self.num_classes).to(old.weight.device)
+        weight = old.weight.view(self.n_groups, self.num_classes, -1)
+        bias = old.bias.view(self.n_groups, self.num_classes)
         with torch.no_grad():
-            new.weight.copy_(old.weight.view(self.n_groups, self.num_classes, -1).sum(0))
-            new.bias.copy_(old.bias.view(self.n_groups, self.num_classes).sum(0))
+            if self.mix is None:
+                new.weight.copy_(weight.sum(0))
+                new.bias.copy_(bias.sum(0))
+            else:
+                new.weight.copy_(torch.einsum("gyc,gcf->yf", self.mix, weight))
+                new.bias.copy_(torch.einsum("gyc,gc->y", self.mix, bias))
         net.head[-1] = new
         net.num_classes = self.num_classes
         return net
+
+
+def _vote_matrix(cells: torch.Tensor) -> torch.Tensor:
+    """(G, C, C): group g's contribution to class y is ``mix[g, y] @ logits[g]``.
+
+    For a group with every class, the identity; otherwise its logit of y minus the mean of its logits over
+    the classes it saw, for those classes only (rows of unseen classes are 0).
+    """
+    m = cells.float()
+    eye = torch.eye(cells.shape[1])
+    centred = torch.diag_embed(m) - m.unsqueeze(2) * m.unsqueeze(1) / m.sum(1).clamp(min=1).view(-1, 1, 1)
+    full = cells.all(1).view(-1, 1, 1)
+    return torch.where(full, eye, centred)
 
 
 def _scaled(channels: int, width: float) -> int:

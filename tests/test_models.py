@@ -81,3 +81,19 @@ def test_group_heads_predict_the_sum_of_the_groups_classifiers_and_collapse_to_t
 def test_group_heads_refuse_a_network_of_the_wrong_size():
     with pytest.raises(ValueError, match="10 outputs, expected 4 classes x 3 groups"):
         GroupHeads(create_model("main", num_classes=10), num_classes=4, n_groups=3)
+
+
+def test_group_heads_with_an_empty_cell_vote_only_among_the_classes_each_group_saw():
+    torch.manual_seed(0)
+    cells = torch.tensor([[True, True, True, True], [True, False, True, False]])  # group 1 lacks 1 and 3
+    heads = GroupHeads(create_model("main", num_classes=8), num_classes=4, n_groups=2, cells=cells).eval()
+    x = torch.randn(5, 1, 48, 48)
+    g = heads.group_logits(x)
+    own = g[:, 1, [0, 2]] - g[:, 1, [0, 2]].mean(1, keepdim=True)  # group 1, centred over classes 0 and 2
+    want = g[:, 0].clone()
+    want[:, [0, 2]] += own
+    assert torch.allclose(heads(x), want, atol=1e-5)
+    assert torch.allclose(heads.mix[1] @ torch.ones(4), torch.zeros(4))  # blind to a per-image shift
+    assert torch.allclose(heads.collapse().eval()(x), want, atol=1e-4)
+    filled = torch.ones(2, 4, dtype=torch.bool)
+    assert GroupHeads(create_model("main", num_classes=8), 4, 2, cells=filled).mix is None

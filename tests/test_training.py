@@ -258,8 +258,9 @@ def test_group_heads_warn_about_a_group_with_no_training_image_of_a_class(caplog
     g = every_cell.copy()
     g[(y == 2) & (g == "M")] = "F"  # no man in class 2
     with caplog.at_level("WARNING", logger="fer_core.training"):
-        Trainer(TrainConfig(mitigation="groupheads"), x, y, x[:4], y[:4], 4, g)
+        tr = Trainer(TrainConfig(mitigation="groupheads"), x, y, x[:4], y[:4], 4, g)
     assert "['M/class 2']" in caplog.text and "'gender' group / class cells" in caplog.text
+    assert tr.model.mix[1, 2].abs().sum() == 0 and tr.model.mix[1, :, 2].abs().sum() == 0  # M: no vote on 2
     caplog.clear()
     with caplog.at_level("WARNING", logger="fer_core.training"):
         Trainer(TrainConfig(mitigation="groupheads"), x, y, x[:4], y[:4], 4, every_cell)
