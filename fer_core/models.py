@@ -149,11 +149,15 @@ class GroupHeads(nn.Module):
         """Logits (B, n_groups, num_classes): row g is group g's classifier."""
         return self.net(x).view(len(x), self.n_groups, self.num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes): the groups' logits summed (each group's over its own classes)."""
+    def combine(self, group_logits: torch.Tensor) -> torch.Tensor:
+        """(B, n_groups, C) -> (B, C): the groups' logits summed, each over the classes it saw."""
         if self.mix is None:
-            return self.group_logits(x).sum(1)
-        return torch.einsum("gyc,bgc->by", self.mix, self.group_logits(x))
+            return group_logits.sum(1)
+        return torch.einsum("gyc,bgc->by", self.mix, group_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) for a face of unknown group: :meth:`combine` of :meth:`group_logits`."""
+        return self.combine(self.group_logits(x))
 
     def collapse(self) -> nn.Module:
         """The wrapped network with one classifier computing ``forward`` (the groups' combined)."""

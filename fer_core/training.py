@@ -247,8 +247,8 @@ class Trainer:
             self.loss_weights = torch.as_tensor(balancing_weights(cells), dtype=torch.float32,
                                                 device=self.device)
         elif cfg.mitigation == "groupheads":
-            # one classifier per known group; an image of unknown group is scored by their sum (index
-            # n_heads), as a test image is
+            # one classifier per known group; an image of unknown group (index n_heads) is scored by
+            # their combination, as a test image is
             known = sorted(set(groups.astype(str)) - {"unknown"})
             if not known:
                 raise ValueError(f"mitigation 'groupheads': no training image has a known "
@@ -262,7 +262,7 @@ class Trainer:
             if empty:
                 logger.warning(_EMPTY_HEAD_CELLS.format(cfg.group_attr, empty))
             head = {g: i for i, g in enumerate(known)}
-            hid = np.array([head.get(g, self.n_heads) for g in groups.astype(str)])
+            hid = np.array([head.get(g, self.n_heads) for g in names])
             self.head_index = torch.as_tensor(hid, device=self.device)
         else:  # groupdro: groups are the attribute's groups (unknown is a group of its own)
             gid = np.unique(groups.astype(str), return_inverse=True)[1]
@@ -394,7 +394,8 @@ class Trainer:
         """(B, C) logits to score examples ``rows`` with: with ``groupheads``, each one's group classifier."""
         if self.head_index is None:
             return logits
-        with_sum = torch.cat([logits, logits.sum(1, keepdim=True)], dim=1)  # unknown group: the sum
+        # an image of unknown group is scored as a test image is: the groups' logits combined
+        with_sum = torch.cat([logits, self.model.combine(logits).unsqueeze(1)], dim=1)
         return with_sum[torch.arange(len(rows), device=logits.device), self.head_index[rows]]
 
 

@@ -225,7 +225,14 @@ def test_group_heads_score_each_image_with_its_own_groups_classifier():
     assert tr.n_heads == 2  # F and M; an image of unknown group has no classifier of its own
     torch.manual_seed(0)
     logits = torch.randn(6, 2, 4)  # (image, group classifier, class); classifiers in sorted order: F, M
-    own = {"F": logits[:, 0], "M": logits[:, 1], "unknown": logits.sum(1)}  # unknown: as a test image
+    # unknown: as a test image, each group voting among the classes it has training images of (six images
+    # leave cells empty), its logits centred there (a constant per row does not change cross-entropy)
+    unknown = torch.zeros(6, 4)
+    for k, name in enumerate(["F", "M"]):
+        seen = [c for c in range(4) if np.any((g == name) & (y == c))]
+        unknown[:, seen] += logits[:, k, seen] - logits[:, k, seen].mean(1, keepdim=True)
+    assert len(seen) < 4  # the case where a plain sum would differ
+    own = {"F": logits[:, 0], "M": logits[:, 1], "unknown": unknown}
     ce = torch.nn.functional.cross_entropy
     want = torch.stack([ce(own[g[i]][i:i + 1], tr.y[i:i + 1]) for i in range(6)]).mean()
     assert torch.isclose(tr.loss(logits, torch.arange(6)), want, atol=1e-6)
