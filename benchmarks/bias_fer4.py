@@ -1,7 +1,7 @@
 """The bias sweep on fer4, then its report and headline numbers, with intervals.
 
 Runs ``study.bias_sweep`` with ``experiments/bias_fer4.toml`` (three architectures, representational and
-stereotypical levels of women's training images, all five mitigations, 5 folds), then ``study.report``,
+stereotypical levels of women's training images, all six mitigations, 5 folds), then ``study.report``,
 and prints: the gender and age gaps at level 0; how each bias kind and level changes them; how much each
 mitigation closes the gender gap and what it costs in macro-F1; and whether the target holds (the best
 mitigation halves the unmitigated gender gap while losing at most 1 point of macro-F1).

@@ -31,7 +31,7 @@ _BAD_RANGE = "{where}: key {key!r} must be {cond}, got {got!r}"
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
-MITIGATIONS = ("none", "resample", "reweight", "groupdro", "groupheads")
+MITIGATIONS = ("none", "resample", "reweight", "groupdro", "groupheads", "adversary")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class TrainConfig:
     mitigation: str = "none"
     group_attr: str = "gender"
     dro_eta: float = 0.1
+    adv_weight: float = 1.0
     device: str = "auto"
     amp: bool = True
 
@@ -83,6 +84,8 @@ class TrainConfig:
                "finite and >= 0 (0: off)")
         _check(where, "erase", self.erase, 0 <= self.erase <= 1, "a probability in [0, 1] (0: off)")
         _check(where, "ema", self.ema, 0 <= self.ema < 1, "a decay in [0, 1) (0: off)")
+        _check(where, "adv_weight", self.adv_weight, math.isfinite(self.adv_weight) and self.adv_weight >= 0,
+               "finite and >= 0")
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # Training keys added after results were first written, with their defaults. While a key is at its
 # default it is left out of the hash, so results written before it existed still match their
 # configuration (a resumed study or sweep keeps them instead of training them again).
-LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0}
+LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0}
 
 
 def config_hash(cfg: Any) -> str:

@@ -12,7 +12,8 @@ image (the old scripts' 160,000-input dense layer on upscaled images is gone).
 
 :class:`GroupHeads` gives any of them one classifier per group of a protected attribute, for the
 ``groupheads`` mitigation (domain-independent training); once trained it collapses into the plain
-architecture.
+architecture. :class:`Adversary` adds a critic that tries to tell each image's group from the features
+the classifier sees, for the ``adversary`` mitigation; once trained it too is the plain architecture.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ class ConvNet(nn.Module):
         """Logits (B, num_classes) for images (B, C, H, W)."""
         return self.head(self.stages(self.stem(x)))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the linear classifier sees (B, channels): pooled, after dropout.
+
+        ``head[-1]`` of it is ``forward``.
+        """
+        return self.head[:-1](self.stages(self.stem(x)))
+
 
 class GroupHeads(nn.Module):
     """One linear classifier per group on a shared network: domain-independent training.
@@ -176,6 +184,69 @@ class GroupHeads(nn.Module):
         net.head[-1] = new
         net.num_classes = self.num_classes
         return net
+
+
+class _ReverseGrad(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by ``-scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def reverse_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged forward; backward, its gradient times ``-scale``.
+
+    Whatever is trained to minimise a loss of it pushes ``x`` to *raise* that loss, ``scale`` times as
+    hard: the gradient reversal layer of Ganin & Lempitsky (ICML 2015).
+    """
+    return _ReverseGrad.apply(x, scale)
+
+
+class Adversary(nn.Module):
+    """A network and a critic that guesses each training image's group from the network's features.
+
+    The critic (a small MLP) sees the features the classifier sees and the image's class (one-hot, or the
+    mixup blend of two), so it can only win on what the features say about the group *inside* a class:
+    the equalized-odds form of adversarial debiasing (Zhang, Lemoine & Mitchell, AIES 2018). Its own
+    weights learn to minimise its loss; through :func:`reverse_grad` the network's features learn to
+    maximise it, so "this face is a man's" is trained out of what the classifier can use, while the
+    class itself stays. ``forward`` is the network alone, and :meth:`collapse` returns it: the critic is
+    used only in training.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, n_groups: int, hidden: int = 64) -> None:
+        super().__init__()
+        if not hasattr(net, "features"):
+            raise TypeError(f"Adversary needs a network with a features() method, got {type(net).__name__}")
+        self.net, self.num_classes, self.n_groups = net, num_classes, n_groups
+        width = net.head[-1].in_features
+        self.critic = nn.Sequential(nn.Linear(width + num_classes, hidden), nn.ReLU(inplace=True),
+                                    nn.Linear(hidden, n_groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, num_classes): the network alone."""
+        return self.net(x)
+
+    def logits_and_critic(self, x: torch.Tensor, classes: torch.Tensor, scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits (B, C) and the critic's group logits (B, n_groups).
+
+        ``classes`` (B, C) is each image's class, one-hot or blended; the features get the critic's
+        gradient reversed and multiplied by ``scale``.
+        """
+        feats = self.net.features(x)
+        critic = self.critic(torch.cat([reverse_grad(feats, scale), classes.to(feats.dtype)], dim=1))
+        return self.net.head[-1](feats), critic
+
+    def collapse(self) -> nn.Module:
+        """The trained network without the critic."""
+        return copy.deepcopy(self.net)
 
 
 def _vote_matrix(cells: torch.Tensor) -> torch.Tensor:

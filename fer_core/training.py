@@ -15,7 +15,10 @@ Mitigations of group imbalance are training options here, so every entry point c
 example's loss by the inverse size of its class x group cell), ``groupdro`` (online group DRO:
 exponentiated-gradient weights on the groups' losses, so the worst group dominates) and ``groupheads``
 (domain-independent training: one classifier per group on shared features, each image scored by its own
-group's classifier, the groups' logits summed to predict; see :class:`fer_core.models.GroupHeads`).
+group's classifier, the groups' logits summed to predict; see :class:`fer_core.models.GroupHeads`) and
+``adversary`` (a critic learns to tell each image's group from the features and the class; the features
+learn, through a reversed gradient ``adv_weight`` times as strong, to keep it from doing so; see
+:class:`fer_core.models.Adversary`).
 
 :class:`Trainer` advances one epoch per :meth:`Trainer.step`; ``fit`` loops it and calls
 ``on_epoch_end(epoch, metrics)`` after each epoch (return ``False`` to stop). The search layer steps
@@ -41,7 +44,7 @@ from torch.optim.swa_utils import AveragedModel
 from fer_core.config import TrainConfig
 from fer_core.fairness import accuracy_gap
 from fer_core.metrics import macro_f1
-from fer_core.models import GroupHeads, create_model
+from fer_core.models import Adversary, GroupHeads, create_model
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +215,8 @@ class Trainer:
                                   width=cfg.width)
         if self.head_index is not None:
             self.model = GroupHeads(self.model, num_classes, self.n_heads, self.head_cells)
+        if self.critic_index is not None:
+            self.model = Adversary(self.model, num_classes, self.n_critic)
         self.model = self.model.to(self.device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -233,6 +238,7 @@ class Trainer:
     def _setup_mitigation(self, labels: np.ndarray, groups: np.ndarray | None) -> None:
         cfg = self.cfg
         self.sample_weights = self.loss_weights = self.group_index = self.head_index = None
+        self.critic_index = None
         self.n_heads = 1
         if cfg.mitigation == "none":
             return
@@ -264,6 +270,16 @@ class Trainer:
             head = {g: i for i, g in enumerate(known)}
             hid = np.array([head.get(g, self.n_heads) for g in names])
             self.head_index = torch.as_tensor(hid, device=self.device)
+        elif cfg.mitigation == "adversary":
+            # the critic learns the known groups; an image of unknown group (-1) gives it no target
+            known = sorted(set(groups.astype(str)) - {"unknown"})
+            if len(known) < 2:
+                raise ValueError(f"mitigation 'adversary': needs training images of at least two known "
+                                 f"{cfg.group_attr!r} groups, found {known}")
+            self.n_critic = len(known)
+            critic = {g: i for i, g in enumerate(known)}
+            self.critic_index = torch.as_tensor([critic.get(g, -1) for g in groups.astype(str)],
+                                                device=self.device)
         else:  # groupdro: groups are the attribute's groups (unknown is a group of its own)
             gid = np.unique(groups.astype(str), return_inverse=True)[1]
             self.group_index = torch.as_tensor(gid, device=self.device)
@@ -330,9 +346,12 @@ class Trainer:
             setattr(self, key, state[key])
 
     def result(self) -> FitResult:
-        """The model with the best validation weights restored (per-group classifiers summed into one)."""
+        """The model with the best validation weights restored, as the plain architecture.
+
+        Per-group classifiers (``groupheads``) are combined into one; a critic (``adversary``) is dropped.
+        """
         self.model.load_state_dict(self.best_state)
-        model = self.model.collapse() if isinstance(self.model, GroupHeads) else self.model
+        model = self.model.collapse() if isinstance(self.model, (GroupHeads, Adversary)) else self.model
         model.eval()
         return FitResult(model, self.mean, self.std, self.best_epoch, self.history)
 
@@ -390,6 +409,35 @@ class Trainer:
             self.q = self.q / self.q.sum()
         return (self.q * group_loss).sum()
 
+    def critic_scale(self) -> float:
+        """Strength of the reversed gradient this epoch: ``adv_weight``, reached smoothly from 0.
+
+        ``2 / (1 + exp(-10 p)) - 1`` of it at progress ``p`` through the epoch budget (Ganin & Lempitsky),
+        so the features are not pushed before the critic has learnt anything.
+        """
+        p = self.epoch / self.cfg.epochs
+        return self.cfg.adv_weight * (2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0)
+
+    def critic_inputs(self, idx: torch.Tensor, perm: torch.Tensor | None = None, lam: float = 1.0
+                      ) -> torch.Tensor:
+        """The classes the critic is told (B, C): one-hot, or blended as the mixup inputs are."""
+        onehot = F.one_hot(self.y[idx], self.num_classes).float()
+        return onehot if perm is None else lam * onehot + (1.0 - lam) * onehot[perm]
+
+    def critic_loss(self, critic: torch.Tensor, idx: torch.Tensor, perm: torch.Tensor | None = None,
+                    lam: float = 1.0) -> torch.Tensor:
+        """The critic's cross-entropy on the images of known group; 0 for a batch with none.
+
+        With mixup it is split between the two images as the class loss is.
+        """
+        parts = [(1.0, idx)] if perm is None else [(lam, idx), (1.0 - lam, idx[perm])]
+        total = critic.new_zeros((), dtype=torch.float32)
+        for w, rows in parts:
+            target = self.critic_index[rows]
+            summed = F.cross_entropy(critic.float(), target, ignore_index=-1, reduction="sum")
+            total = total + w * summed / (target >= 0).sum().clamp(min=1)
+        return total
+
     def _logits_of(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(B, C) logits to score examples ``rows`` with: with ``groupheads``, each one's group classifier."""
         if self.head_index is None:
@@ -404,6 +452,7 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
     model, cfg = tr.model.train(), tr.cfg
     order = tr.epoch_order()
     lams = tr.mix_weights()
+    scale = tr.critic_scale() if tr.critic_index is not None else 0.0
     total = torch.zeros((), device=tr.device)
     for i in range(tr.steps_per_epoch):
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
@@ -411,8 +460,13 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
         xb, perm = tr.mix(augment(tr.x[idx], cfg.aug_strength, tr.gen, cfg.erase), lam)
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
                             enabled=tr.amp_dtype is not None):
-            logits = model.group_logits(xb) if tr.head_index is not None else model(xb)
-            loss = tr.loss(logits, idx, perm, 1.0 if lam is None else lam)
+            w = 1.0 if lam is None else lam
+            if tr.critic_index is not None:
+                logits, critic = model.logits_and_critic(xb, tr.critic_inputs(idx, perm, w), scale)
+                loss = tr.loss(logits, idx, perm, w) + tr.critic_loss(critic, idx, perm, w)
+            else:
+                logits = model.group_logits(xb) if tr.head_index is not None else model(xb)
+                loss = tr.loss(logits, idx, perm, w)
         tr.optimizer.zero_grad(set_to_none=True)
         tr.scaler.scale(loss).backward()
         tr.scaler.step(tr.optimizer)

@@ -286,9 +286,10 @@ def test_grid_is_the_full_product_with_unique_run_ids():
     assert {s.size_level for s in exp.sweep.conditions() if s.kind == "stereotypical"} == {1.0}
     shrink = load_sweep(None, ["sweep.stereotypical_sizes=shrink"]).sweep.conditions()
     assert [(s.level, s.size_level) for s in shrink if s.kind == "stereotypical"] == [(0.5, 0.0), (1.0, 0.0)]
-    assert len(grid) == 3 * conditions * 5 * 5 * 2
+    assert len(grid) == 3 * conditions * 6 * 5 * 2  # archs x conditions x mitigations x folds x seeds
     assert len({r.run_id for r in grid}) == len(grid)
-    assert {r.cfg.mitigation for r in grid} == {"none", "resample", "reweight", "groupdro", "groupheads"}
+    assert {r.cfg.mitigation for r in grid} == {"none", "resample", "reweight", "groupdro", "groupheads",
+                                                "adversary"}
     assert all(r.cfg.group_attr == "gender" and r.cfg.arch == r.arch for r in grid)
     # the hash names everything that shapes a run except its fold
     hashes = {(r.arch, r.bias, r.mitigation, r.seed): r.config_hash for r in grid}

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fer_core.config import TrainConfig
+from fer_core.models import create_model, reverse_grad
 from fer_core.training import Trainer, augment, balancing_weights, erase_patches, fit, group_cells
 from tests.helpers import bar_images
 
@@ -133,7 +134,7 @@ def test_balancing_weights_equalise_cells():
     assert w.mean() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("mitigation", ["resample", "reweight", "groupdro", "groupheads"])
+@pytest.mark.parametrize("mitigation", ["resample", "reweight", "groupdro", "groupheads", "adversary"])
 def test_mitigations_train_and_need_groups(mitigation):
     x, y = bar_images(64)
     g = np.where(np.arange(64) < 48, "M", "F")
@@ -242,21 +243,28 @@ def test_group_heads_score_each_image_with_its_own_groups_classifier():
     assert torch.isclose(tr.loss(logits, torch.arange(6), perm, 0.7), 0.7 * want + 0.3 * part, atol=1e-6)
 
 
-def test_group_heads_learn_and_return_the_summed_classifier_as_a_plain_model():
+def _trained_bars(mitigation: str) -> tuple[Trainer, np.ndarray, np.ndarray]:
+    """A trainer run to the end on bar images with groups F (a third) and M; and the images, groups."""
     x, y = bar_images(160, seed=0)
     xv, yv = bar_images(40, seed=1)
     g = np.where(np.arange(160) % 3 == 0, "F", "M")
-    tr = Trainer(TrainConfig(epochs=4, batch_size=16, mitigation="groupheads"), x, y, xv, yv, 4, g)
+    tr = Trainer(TrainConfig(epochs=4, batch_size=16, mitigation=mitigation), x, y, xv, yv, 4, g)
     while not tr.done:
         tr.step()
     assert max(h["val_accuracy"] for h in tr.history) > 0.6  # chance is 0.25
+    return tr, x, g
+
+
+def test_group_heads_learn_and_return_the_summed_classifier_as_a_plain_model():
+    tr, x, _ = _trained_bars("groupheads")
     result = tr.result()
     assert result.model.head[-1].out_features == 4 and result.model is not tr.model
     with torch.no_grad():
         want = tr.model.eval().group_logits(tr.x_val).sum(1)  # the trainer's model holds the best weights
         assert torch.allclose(result.model(tr.x_val), want, atol=1e-4)
     with pytest.raises(ValueError, match="no training image has a known 'gender' group"):
-        Trainer(TrainConfig(mitigation="groupheads"), x, y, xv, yv, 4, np.full(160, "unknown"))
+        Trainer(TrainConfig(mitigation="groupheads"), x, tr.y.numpy(), x[:4], tr.y[:4].numpy(), 4,
+                np.full(160, "unknown"))
 
 
 def test_group_heads_warn_about_a_group_with_no_training_image_of_a_class(caplog):
@@ -272,3 +280,70 @@ def test_group_heads_warn_about_a_group_with_no_training_image_of_a_class(caplog
     with caplog.at_level("WARNING", logger="fer_core.training"):
         Trainer(TrainConfig(mitigation="groupheads"), x, y, x[:4], y[:4], 4, every_cell)
     assert "no training image" not in caplog.text
+
+
+def test_reverse_grad_is_the_identity_forward_and_flips_the_gradient_backward():
+    x = torch.randn(5, 3, requires_grad=True)
+    w = torch.randn(5, 3)
+    out = reverse_grad(x, 0.4)
+    assert torch.equal(out, x)
+    (out * w).sum().backward()
+    assert torch.allclose(x.grad, -0.4 * w)
+
+
+def test_adversary_critic_learns_groups_inside_classes_and_the_features_get_its_gradient_reversed():
+    x, y = bar_images(8)
+    g = np.array(["F", "M", "unknown", "M", "F", "F", "M", "F"])
+    cfg = TrainConfig(mitigation="adversary", adv_weight=0.5, epochs=10)
+    tr = Trainer(cfg, x, y, x[:2], y[:2], 4, g)
+    assert tr.critic_index.tolist() == [0, 1, -1, 1, 0, 0, 1, 0]  # sorted known groups; unknown: no target
+    # the critic is told each image's class, one-hot, or blended as mixup blends the images
+    idx, perm = torch.arange(8), torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])
+    onehot = torch.nn.functional.one_hot(tr.y, 4).float()
+    assert torch.equal(tr.critic_inputs(idx), onehot)
+    assert torch.allclose(tr.critic_inputs(idx, perm, 0.7), 0.7 * onehot + 0.3 * onehot[perm])
+    # its loss: cross-entropy on the images of known group only; with mixup, each part its own weight
+    critic = torch.randn(8, 2)
+    ce = torch.nn.functional.cross_entropy
+    known = tr.critic_index >= 0
+    want = ce(critic[known], tr.critic_index[known])
+    assert torch.isclose(tr.critic_loss(critic, idx), want, atol=1e-6)
+    tp = tr.critic_index[perm]
+    want_mix = 0.7 * want + 0.3 * ce(critic[tp >= 0], tp[tp >= 0])
+    assert torch.isclose(tr.critic_loss(critic, idx, perm, 0.7), want_mix, atol=1e-6)
+    # the reversed gradient: 0 at the start, adv_weight * (2 / (1 + e^-10p) - 1) at progress p
+    assert tr.critic_scale() == 0.0
+    tr.epoch = 5
+    assert tr.critic_scale() == pytest.approx(0.5 * (2 / (1 + np.exp(-5.0)) - 1))
+    # the network's weights get minus that times the critic's gradient; the critic its own, unchanged
+    model = tr.model.eval()
+    classes = tr.critic_inputs(idx)
+
+    def grads():
+        model.zero_grad()
+        inp = torch.cat([model.net.features(tr.x), classes], 1)
+        tr.critic_loss(model.critic(inp), idx).backward()
+        return ([p.grad.clone() for p in model.net.stages.parameters() if p.grad is not None],
+                [p.grad.clone() for p in model.critic.parameters()])
+
+    plain_net, plain_critic = grads()
+    model.zero_grad()
+    _, crit = model.logits_and_critic(tr.x, classes, 0.3)
+    tr.critic_loss(crit, idx).backward()
+    net_rev = [p.grad for p in model.net.stages.parameters() if p.grad is not None]
+    critic_rev = [p.grad for p in model.critic.parameters()]
+    assert len(net_rev) == len(plain_net) > 0
+    assert all(torch.allclose(a, -0.3 * b, atol=1e-6) for a, b in zip(net_rev, plain_net, strict=True))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(critic_rev, plain_critic, strict=True))
+
+
+def test_adversary_learns_and_returns_the_plain_architecture_without_its_critic():
+    tr, x, g = _trained_bars("adversary")
+    result = tr.result()
+    plain = create_model("main")
+    assert result.model.state_dict().keys() == plain.state_dict().keys()  # no critic left
+    with torch.no_grad():
+        assert torch.allclose(result.model.eval()(tr.x_val), tr.model.eval()(tr.x_val), atol=1e-5)
+    with pytest.raises(ValueError, match="at least two known 'gender' groups"):
+        Trainer(TrainConfig(mitigation="adversary"), x, tr.y.numpy(), x[:4], tr.y[:4].numpy(), 4,
+                np.where(g == "F", "F", "unknown"))
