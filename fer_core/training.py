@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import scipy.stats
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,14 @@ def group_cells(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
     return np.unique(keys, return_inverse=True)[1]
 
 
+def conditional_entropy(groups: np.ndarray, labels: np.ndarray) -> float:
+    """H(group | class) in nats: the cross-entropy of the best guess of the group from the class alone."""
+    table = pd.crosstab(labels, groups).to_numpy(dtype=float)
+    within = table / table.sum(1, keepdims=True)
+    terms = np.where(within > 0, -within * np.log(np.where(within > 0, within, 1.0)), 0.0)
+    return float((table.sum(1) / table.sum() * terms.sum(1)).sum())
+
+
 def balancing_weights(cells: np.ndarray) -> np.ndarray:
     """Per-example weight inversely proportional to its cell's size, mean 1."""
     counts = np.bincount(cells)
@@ -278,8 +287,9 @@ class Trainer:
                                  f"{cfg.group_attr!r} groups, found {known}")
             self.n_critic = len(known)
             critic = {g: i for i, g in enumerate(known)}
-            self.critic_index = torch.as_tensor([critic.get(g, -1) for g in groups.astype(str)],
-                                                device=self.device)
+            index = np.array([critic.get(g, -1) for g in groups.astype(str)])
+            self.critic_index = torch.as_tensor(index, device=self.device)
+            self.critic_chance = conditional_entropy(index[index >= 0], labels[index >= 0])
         else:  # groupdro: groups are the attribute's groups (unknown is a group of its own)
             gid = np.unique(groups.astype(str), return_inverse=True)[1]
             self.group_index = torch.as_tensor(gid, device=self.device)
@@ -448,12 +458,17 @@ class Trainer:
 
 
 def train_one_epoch(tr: Trainer) -> dict[str, float]:
-    """One pass over the training data of ``tr``; returns ``train_loss`` and ``lr``."""
+    """One pass over the training data of ``tr``; returns ``train_loss`` and ``lr``.
+
+    With ``adversary`` also ``critic_loss`` (included in ``train_loss``) and ``critic_chance``, the loss
+    of a critic that knows only each class's group shares (the entropy of the group given the class).
+    """
     model, cfg = tr.model.train(), tr.cfg
     order = tr.epoch_order()
     lams = tr.mix_weights()
     scale = tr.critic_scale() if tr.critic_index is not None else 0.0
     total = torch.zeros((), device=tr.device)
+    critic_total = torch.zeros((), device=tr.device)
     for i in range(tr.steps_per_epoch):
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         lam = None if lams is None else float(lams[i])
@@ -463,7 +478,9 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
             w = 1.0 if lam is None else lam
             if tr.critic_index is not None:
                 logits, critic = model.logits_and_critic(xb, tr.critic_inputs(idx, perm, w), scale)
-                loss = tr.loss(logits, idx, perm, w) + tr.critic_loss(critic, idx, perm, w)
+                critic_loss = tr.critic_loss(critic, idx, perm, w)
+                critic_total += critic_loss.detach()
+                loss = tr.loss(logits, idx, perm, w) + critic_loss
             else:
                 logits = model.group_logits(xb) if tr.head_index is not None else model(xb)
                 loss = tr.loss(logits, idx, perm, w)
@@ -476,7 +493,10 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
             tr.ema.update_parameters(model)
         total += loss.detach()
     # one host sync per epoch, not per batch
-    return {"train_loss": float(total) / tr.steps_per_epoch, "lr": tr.optimizer.param_groups[0]["lr"]}
+    metrics = {"train_loss": float(total) / tr.steps_per_epoch, "lr": tr.optimizer.param_groups[0]["lr"]}
+    if tr.critic_index is not None:  # the critic's loss, next to what it is when it has learnt nothing
+        metrics.update(critic_loss=float(critic_total) / tr.steps_per_epoch, critic_chance=tr.critic_chance)
+    return metrics
 
 
 @torch.no_grad()

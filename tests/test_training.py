@@ -339,6 +339,13 @@ def test_adversary_critic_learns_groups_inside_classes_and_the_features_get_its_
 
 def test_adversary_learns_and_returns_the_plain_architecture_without_its_critic():
     tr, x, g = _trained_bars("adversary")
+    # F is every third image, independent of the bar: knowing the class, the best guess without the
+    # features is the overall share, entropy -(1/3 ln 1/3 + 2/3 ln 2/3) = 0.6365 nats
+    shares = [(g[tr.y.numpy() == c] == "F").mean() for c in range(4)]
+    want = np.mean([-(p * np.log(p) + (1 - p) * np.log(1 - p)) for p in shares])  # classes equal-sized
+    assert all(h["critic_chance"] == pytest.approx(want) for h in tr.history)
+    assert want == pytest.approx(0.6365, abs=0.01)
+    assert all(np.isfinite(h["critic_loss"]) and h["critic_loss"] < h["train_loss"] for h in tr.history)
     result = tr.result()
     plain = create_model("main")
     assert result.model.state_dict().keys() == plain.state_dict().keys()  # no critic left
