@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--class-map", nargs="*", default=[], metavar="FOLDER=CLASS",
                    help="rename label folders to the model's class names")
     p.add_argument("--out", help="output folder (default results/evaluate-<time>)")
-    p.add_argument("--show", type=int, default=20, help="print at most this many predictions")
+    p.add_argument("--show", type=int, default=20, help="print at most this many predictions (0: none)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
               "skipped": skipped, "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     cols = ["source_path", "label", "y_pred", "confidence"]
-    print(preds[cols].head(args.show).to_string(index=False))
+    if args.show > 0:  # --show 0: the counts and metrics only
+        print(preds[cols].head(args.show).to_string(index=False))
     print(f"{len(preds)} images predicted, {len(skipped)} files skipped")
     if metrics:
         print(f"on {metrics['n_labelled']} labelled images: accuracy {metrics['accuracy']:.4f}, "

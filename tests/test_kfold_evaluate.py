@@ -40,10 +40,15 @@ def test_kfold_smoke_test_and_unknown_key(tmp_path, capsys):
         kfold.main(["--smoke-test", "--out", str(tmp_path / "t"), "learning_rate=0.1"])
 
 
-def test_evaluate_on_canonical_folder_single_image_and_image_folder(kfold_run, tmp_path):
+def test_evaluate_on_canonical_folder_single_image_and_image_folder(kfold_run, tmp_path, capsys):
     model = str(kfold_run / "run" / "models" / "fold0.pt")
     out = str(tmp_path / "a")
     assert evaluate.main(["--model", model, "--data", str(kfold_run / "data"), "--out", out]) == 0
+    assert "source_path" in capsys.readouterr().out  # the first predictions, as a table
+    quiet = ["--model", model, "--data", str(kfold_run / "data"), "--out", out, "--show", "0"]
+    assert evaluate.main(quiet) == 0
+    printed = capsys.readouterr().out
+    assert "source_path" not in printed and "Empty DataFrame" not in printed and "images predicted" in printed
     report = json.loads((tmp_path / "a" / "metrics.json").read_text())
     preds = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
     assert report["metrics"]["accuracy"] == pytest.approx((preds["label"] == preds["y_pred"]).mean())
