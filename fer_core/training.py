@@ -169,6 +169,14 @@ def group_cells(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
     return np.unique(keys, return_inverse=True)[1]
 
 
+def known_groups(groups: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The known groups, sorted, and each example's index among them (-1 for ``"unknown"``)."""
+    names = np.asarray(groups).astype(str)
+    known = sorted(set(names) - {"unknown"})
+    lookup = {g: i for i, g in enumerate(known)}
+    return known, np.array([lookup.get(g, -1) for g in names], dtype=np.int64)
+
+
 def conditional_entropy(groups: np.ndarray, labels: np.ndarray) -> float:
     """H(group | class) in nats: the cross-entropy of the best guess of the group from the class alone."""
     table = pd.crosstab(labels, groups).to_numpy(dtype=float)
@@ -264,30 +272,25 @@ class Trainer:
         elif cfg.mitigation == "groupheads":
             # one classifier per known group; an image of unknown group (index n_heads) is scored by
             # their combination, as a test image is
-            known = sorted(set(groups.astype(str)) - {"unknown"})
+            known, index = known_groups(groups)
             if not known:
                 raise ValueError(f"mitigation 'groupheads': no training image has a known "
                                  f"{cfg.group_attr!r} group")
             self.n_heads = len(known)
-            names = groups.astype(str)
-            self.head_cells = torch.tensor([[bool(np.any((names == g) & (labels == c)))
-                                             for c in range(self.num_classes)] for g in known])
+            self.head_cells = torch.tensor([[bool(np.any((index == i) & (labels == c)))
+                                             for c in range(self.num_classes)] for i in range(len(known))])
             empty = [f"{g}/class {c}" for i, g in enumerate(known) for c in range(self.num_classes)
                      if not self.head_cells[i, c]]
             if empty:
                 logger.warning(_EMPTY_HEAD_CELLS.format(cfg.group_attr, empty))
-            head = {g: i for i, g in enumerate(known)}
-            hid = np.array([head.get(g, self.n_heads) for g in names])
-            self.head_index = torch.as_tensor(hid, device=self.device)
+            self.head_index = torch.as_tensor(np.where(index < 0, self.n_heads, index), device=self.device)
         elif cfg.mitigation == "adversary":
             # the critic learns the known groups; an image of unknown group (-1) gives it no target
-            known = sorted(set(groups.astype(str)) - {"unknown"})
+            known, index = known_groups(groups)
             if len(known) < 2:
                 raise ValueError(f"mitigation 'adversary': needs training images of at least two known "
                                  f"{cfg.group_attr!r} groups, found {known}")
             self.n_critic = len(known)
-            critic = {g: i for i, g in enumerate(known)}
-            index = np.array([critic.get(g, -1) for g in groups.astype(str)])
             self.critic_index = torch.as_tensor(index, device=self.device)
             self.critic_chance = conditional_entropy(index[index >= 0], labels[index >= 0])
         else:  # groupdro: groups are the attribute's groups (unknown is a group of its own)
