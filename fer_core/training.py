@@ -179,10 +179,8 @@ def known_groups(groups: np.ndarray) -> tuple[list[str], np.ndarray]:
 
 def conditional_entropy(groups: np.ndarray, labels: np.ndarray) -> float:
     """H(group | class) in nats: the cross-entropy of the best guess of the group from the class alone."""
-    table = pd.crosstab(labels, groups).to_numpy(dtype=float)
-    within = table / table.sum(1, keepdims=True)
-    terms = np.where(within > 0, -within * np.log(np.where(within > 0, within, 1.0)), 0.0)
-    return float((table.sum(1) / table.sum() * terms.sum(1)).sum())
+    table = pd.crosstab(labels, groups).to_numpy(dtype=float)  # class x group counts
+    return float(np.average(scipy.stats.entropy(table, axis=1), weights=table.sum(1)))
 
 
 def balancing_weights(cells: np.ndarray) -> np.ndarray:
