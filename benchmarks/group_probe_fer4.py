@@ -88,15 +88,16 @@ def paired(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
         if "none" not in wide:
             continue
         for mitigation in wide.columns.drop("none"):
-            diff = (wide[mitigation] - wide["none"]).dropna().to_numpy() * 100
-            if len(diff) < 2:
+            pair = wide[[mitigation, "none"]].dropna() * 100
+            if len(pair) < 2:
                 continue
-            half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
-            p = stats.ttest_1samp(diff, 0.0).pvalue
+            test = stats.ttest_rel(pair[mitigation], pair["none"])
+            ci = test.confidence_interval(0.95)
             lines.append({"arch": arch, "condition": f"{kind} {level:g}", "mitigation": mitigation,
-                          "units": len(diff), "none": wide["none"].mean() * 100,
-                          "mitigated": wide[mitigation].mean() * 100, "change": diff.mean(),
-                          "low": diff.mean() - half, "high": diff.mean() + half, "p": p})
+                          "units": len(pair), "none": wide["none"].mean() * 100,
+                          "mitigated": wide[mitigation].mean() * 100,
+                          "change": (pair[mitigation] - pair["none"]).mean(), "low": ci.low, "high": ci.high,
+                          "p": test.pvalue})
     return pd.DataFrame(lines)
 
 
