@@ -137,6 +137,38 @@ def test_tables_have_the_documented_columns(sweep, preds):
 
 
 @pytest.mark.ray
+def test_duckdb_reads_the_tables_and_recomputes_group_metrics_from_predictions(sweep):
+    """Per-gender counts, accuracy and per-class recall, recomputed in SQL from predictions.parquet."""
+    import duckdb  # a dev dependency: a missing one is a failure, not a skip
+
+    out = sweep[0]
+    con = duckdb.connect()
+    keys = "arch, bias_kind, bias_level, mitigation"
+    by_sql = con.execute(f"""
+        SELECT {keys}, gender AS "group",
+               count(*) AS n,
+               avg(CASE WHEN y_true = y_pred THEN 1.0 ELSE 0.0 END) AS accuracy,
+               avg(CASE WHEN y_true = 'Happy' THEN (y_pred = 'Happy')::DOUBLE END) AS recall_Happy
+        FROM '{out / "predictions.parquet"}' WHERE gender IS NOT NULL
+        GROUP BY ALL""").df()
+    table = con.execute(f"""
+        SELECT {keys}, "group", metric, value FROM '{out / "fairness.parquet"}'
+        WHERE attribute = 'gender' AND "group" IN ('Female', 'Male')""").df()
+    assert len(by_sql) == 2 * 3  # two genders x three run groups (level 0, 0.5, 1.0)
+    index = [*keys.split(", "), "group"]
+    metrics = table.pivot_table(index=index, columns="metric", values="value").reset_index()
+    merged = by_sql.merge(metrics, on=index, suffixes=("_sql", ""))
+    assert len(merged) == len(by_sql)
+    np.testing.assert_allclose(merged["accuracy_sql"], merged["accuracy"], rtol=1e-12)
+    np.testing.assert_allclose(merged["recall_Happy_sql"], merged["recall_Happy"], rtol=1e-12)
+    np.testing.assert_array_equal(merged["n"], merged["count"])
+    # every documented table reads back in DuckDB with the rows pandas sees
+    for name in ("predictions", "fairness", "paired", "runs", "composition"):
+        path = out / f"{name}.parquet"
+        assert con.execute(f"SELECT count(*) FROM '{path}'").fetchone()[0] == len(pd.read_parquet(path))
+
+
+@pytest.mark.ray
 def test_a_sweeps_model_scores_its_test_fold_again_through_study_evaluate(sweep, tmp_path):
     """A run's saved model, given its test fold as PNG files it has never trained on, reproduces the
     sweep's predictions and accuracy for that run through the study.evaluate command."""

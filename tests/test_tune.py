@@ -125,6 +125,17 @@ def test_smoke_study_writes_tables_best_config_and_a_usable_model(tmp_path):
     # epochs a trial ran (not overwritten by a searched "epochs" budget) agrees with its per-epoch rows
     ran = trials.groupby("trial_id")["epoch"].max() + 1  # epochs are numbered from 0
     assert summary.set_index("trial_id")["epochs_run"].sort_index().tolist() == ran.sort_index().tolist()
+    # DuckDB reads the same tables: one row per trial x fold x epoch, joined to the summary in SQL
+    import duckdb  # a dev dependency: a missing one is a failure, not a skip
+
+    con = duckdb.connect()
+    assert con.execute(f"SELECT count(*) FROM '{out / 'trials.parquet'}'").fetchone()[0] == len(trials)
+    per_trial = con.execute(f"""
+        SELECT t.trial_id, count(DISTINCT t.fold) AS folds, max(t.epoch) + 1 AS ran, any_value(s.epochs_run)
+        FROM '{out / "trials.parquet"}' t JOIN '{out / "summary.parquet"}' s USING (trial_id)
+        GROUP BY t.trial_id""").fetchall()
+    assert len(per_trial) == len(summary)
+    assert all(folds == 2 and ran == epochs_run for _, folds, ran, epochs_run in per_trial)
     assert (out / "config.toml").is_file() and (out / "command.txt").is_file()
     assert list((out / "tune").glob("*/events.out.tfevents.*")), "no TensorBoard logs"
     # the refit model runs on data it has not seen
