@@ -68,6 +68,21 @@ def finished(study: Path, num_samples: int) -> bool:
     return len(pd.read_parquet(study / "summary.parquet")) >= num_samples
 
 
+def run_study(data: str, results: str, overrides: list[str]) -> Path:
+    """Search ``experiments/fer4.toml`` with ``overrides``, or reuse / resume it; returns the study folder."""
+    config = str(ROOT / "experiments" / "fer4.toml")
+    overrides = [f"data.path={data}", f"results_dir={results}", *overrides]
+    exp = load_experiment(config, overrides)
+    study = Path(results) / exp.name
+    if finished(study, exp.search.num_samples):
+        print(f"search: reusing the finished study in {study}")
+    else:
+        start = time.perf_counter()
+        tune.main(["--resume", str(study)] if (study / "tune").exists() else ["--config", config, *overrides])
+        print(f"search: {(time.perf_counter() - start) / 60:.1f} min")
+    return study
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="canonical fer4 folder")
@@ -78,14 +93,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    config = str(ROOT / "experiments" / "fer4.toml")
-    overrides = [f"data.path={args.data}", f"results_dir={args.results}", *args.overrides]
-    exp = load_experiment(config, overrides)
-    study = Path(args.results) / exp.name
-    if finished(study, exp.search.num_samples):
-        print(f"search: reusing the finished study in {study}")
-    else:
-        tune.main(["--resume", str(study)] if (study / "tune").exists() else ["--config", config, *overrides])
+    study = run_study(args.data, args.results, args.overrides)
     exp = load_experiment(str(study / "config.toml"))
     summary = pd.read_parquet(study / "summary.parquet")
     counts = summary["status"].value_counts().to_dict()
