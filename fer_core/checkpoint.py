@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "fer-bias-study/model-v1"
 _UNSAFE = ("{0}: refused to load: the file holds Python objects beyond tensors and plain values, which "
            "torch.load(weights_only=True) does not run ({1}); it was not written by this tool")
+_NO_FILE = "{0}: no such model file; give a .pt file saved by study.kfold, study.tune or study.bias_sweep"
 _NOT_A_MODEL = "{0}: not a fer-bias-study model file (format {1!r}); save one with study.kfold or study.tune"
 
 
@@ -63,6 +65,10 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, classes:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> SavedModel:
     """Load a model file with ``weights_only=True`` and rebuild its architecture."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(_NO_FILE.format(path))
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not a model
+        raise ValueError(_NOT_A_MODEL.format(path, "not a torch.save archive"))
     try:
         payload = torch.load(Path(path), map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -146,28 +146,40 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
     return isinstance(value, hint), value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build the frozen dataclass ``cls`` from ``data``, naming any unknown key or wrong type."""
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", *, _prefix: str = "") -> T:
+    """Build the frozen dataclass ``cls`` from ``data``, naming any unknown key or wrong type.
+
+    ``where`` names the source (a file, ``command line``); keys of nested tables are named with their
+    table, e.g. ``search.num_samples``.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
+        name = f"{_prefix}{key}"
         if key not in fields:
-            raise KeyError(_UNKNOWN_KEY.format(where=where, key=key, known=sorted(fields)))
+            known = [f"{_prefix}{k}" for k in sorted(fields)]
+            raise KeyError(_UNKNOWN_KEY.format(where=where, key=name, known=known))
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise TypeError(_BAD_TYPE.format(where=where, key=key, want="a table",
+                raise TypeError(_BAD_TYPE.format(where=where, key=name, want="a table",
                                                  got=value, gtype=type(value).__name__))
-            kwargs[key] = from_dict(hint, value, f"{where}.{key}")
+            kwargs[key] = from_dict(hint, value, where, _prefix=f"{name}.")
             continue
         ok, coerced = _type_ok(value, hint)
         if not ok:
-            want = getattr(hint, "__name__", str(hint))
-            raise TypeError(_BAD_TYPE.format(where=where, key=key, want=want, got=value,
+            raise TypeError(_BAD_TYPE.format(where=where, key=name, want=_type_name(hint), got=value,
                                              gtype=type(value).__name__))
         kwargs[key] = coerced
     return cls(**kwargs)
+
+
+def _type_name(hint: Any) -> str:
+    """How a type reads in an error message: ``a list, e.g. [1, 2]`` for a tuple or list."""
+    if typing.get_origin(hint) in (list, tuple) or hint in (list, tuple):
+        return "a list, e.g. [1, 2]"
+    return getattr(hint, "__name__", str(hint))
 
 
 def parse_value(text: str) -> Any:

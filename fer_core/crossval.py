@@ -107,7 +107,8 @@ def run_kfold(cfg: TrainConfig, split: SplitConfig, ds: FaceDataset,
     """Cross-validate ``cfg`` on ``ds``; returns (per-fold metrics, predictions, fold runs)."""
     runs = []
     groups = ds.manifest["image_id"].to_numpy()
-    for fold, (train_idx, test_idx) in enumerate(kfold_splits(ds.labels, groups, split.k, split.split_seed)):
+    folds = kfold_splits(ds.labels, groups, split.k, split.split_seed, ds.classes)
+    for fold, (train_idx, test_idx) in enumerate(folds):
         run = train_on_split(cfg, ds, train_idx, test_idx, fold=fold, split_seed=split.split_seed,
                              on_epoch_end=on_epoch_end)
         run.metrics["n_train"] = len(train_idx)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fer_core.config import to_dict
 from fer_core.data import BASE_SUBSET, FaceDataset, image_id
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 SMOKE_FILES = 16
 NULL_GROUP = "null"
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # greyscale deeper than 8 bits
 
 # Skip reasons: constant strings, so the report can count them.
 ZERO_BYTE = "zero-byte file"
@@ -90,6 +91,18 @@ class BadImage(Exception):
     """A file that cannot be used as an image; ``args`` are (reason, detail)."""
 
 
+def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image scaled to 8 bits (PIL's ``convert("L")`` would clip it at 255).
+
+    Mode ``I`` (32-bit integers, what some readers give 16-bit files) is taken as 16-bit when a value
+    exceeds 255, as it is already 8-bit otherwise.
+    """
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or values.max(initial=0) > 255:
+        values = values / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
 def decode_image(path: Path, size: int) -> np.ndarray:
     """Decode ``path`` by content, as one channel, resized to ``size`` x ``size`` (bilinear).
 
@@ -115,9 +128,10 @@ def decode_image(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
+            img = ImageOps.exif_transpose(img)  # a camera's orientation tag: faces upright
             if img.mode in ("P", "PA"):  # palette transparency must go through RGBA
                 img = img.convert("RGBA")
-            gray = img.convert("L")
+            gray = _sixteen_bit_to_8(img) if img.mode in WIDE_GRAY_MODES else img.convert("L")
     except Image.UnidentifiedImageError as exc:
         raise BadImage(NOT_IMAGE, str(exc)) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

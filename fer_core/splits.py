@@ -17,15 +17,21 @@ logger = logging.getLogger(__name__)
 _TOO_FEW = "class {0!r} has {1} images, fewer than k={2} folds; use a smaller k"
 
 
-def kfold_splits(labels: np.ndarray, groups: np.ndarray, k: int, split_seed: int
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(train_idx, test_idx)`` for ``k`` stratified folds; ``groups`` never straddle a split."""
+def kfold_splits(labels: np.ndarray, groups: np.ndarray, k: int, split_seed: int,
+                 classes: tuple[str, ...] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(train_idx, test_idx)`` for ``k`` stratified folds; ``groups`` never straddle a split.
+
+    Checked when called (not on first iteration): a class with fewer than ``k`` images is an error naming
+    it (by ``classes[code]`` when the class names are given).
+    """
     labels = np.asarray(labels)
     values, counts = np.unique(labels, return_counts=True)
     if counts.min() < k:
-        raise ValueError(_TOO_FEW.format(values[counts.argmin()], counts.min(), k))
+        value = values[counts.argmin()].item()
+        name = classes[value] if classes is not None else value
+        raise ValueError(_TOO_FEW.format(name, int(counts.min()), k))
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=split_seed)
-    yield from splitter.split(np.zeros(len(labels)), labels, groups)
+    return splitter.split(np.zeros(len(labels)), labels, groups)
 
 
 def carve_validation(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int

@@ -570,6 +570,6 @@ def fit(cfg: TrainConfig, train_pixels: np.ndarray, train_labels: np.ndarray, va
         metrics = trainer.step()
         if on_epoch_end is not None and on_epoch_end(metrics["epoch"], metrics) is False:
             break
-    logger.info("best epoch %d of %d (val macro-F1 %.3f)", trainer.best_epoch, trainer.epoch,
-                trainer.best_score)
+    logger.info("best epoch %d of %d, counting from 1 (val macro-F1 %.3f)", trainer.best_epoch + 1,
+                trainer.epoch, trainer.best_score)
     return trainer.result()

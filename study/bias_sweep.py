@@ -40,12 +40,12 @@ import torch
 from fer_core import __version__
 from fer_core.bias import BiasSpec, apply_bias, bias_rng, bias_summary, check_spec
 from fer_core.checkpoint import save_model
-from fer_core.config import config_hash, to_dict
+from fer_core.config import config_hash, load_toml, to_dict
 from fer_core.crossval import train_on_split
 from fer_core.data import BASE_SUBSET, FaceDataset
 from fer_core.fairness import RUN_KEYS, fairness_table, paired_tests, unit_intervals, unit_metrics
 from fer_core.splits import kfold_splits
-from study.common import load_data, record_run, setup_logging, write_table
+from study.common import load_data, record_run, run_cli, setup_logging, write_table
 from study.runtime import start_ray, trial_resources
 from study.sweep_config import RunSpec, SweepExperiment, load_sweep, recipes, run_grid
 
@@ -64,6 +64,8 @@ TAG_COLUMNS = ("run_id", "arch", "bias_kind", "bias_level", "bias_attr", "bias_g
                "fold", "seed", "split_seed", "config_hash", "version")
 _NO_ATTR = "sweep.fairness_attrs: {0!r} is not an attribute of dataset {1!r}; attributes: {2}"
 _NO_CONFIG = "{0}: no config.toml; --resume needs a folder written by study.bias_sweep"
+_NOT_A_SWEEP = ("{0}: its config.toml has no [sweep] table, so it was not written by study.bias_sweep (by "
+                "study.tune or study.kfold?); --resume needs a bias sweep's results folder")
 _FAILED = "run {0}/{1} FAILED: {2}: {3}"
 
 
@@ -100,6 +102,8 @@ def resolve(args: argparse.Namespace) -> tuple[SweepExperiment, Path]:
         out = Path(args.resume)
         if not (out / "config.toml").is_file():
             raise FileNotFoundError(_NO_CONFIG.format(out))
+        if "sweep" not in load_toml(out / "config.toml"):
+            raise ValueError(_NOT_A_SWEEP.format(out))
         return load_sweep(str(out / "config.toml"), args.overrides), out
     exp = load_sweep(args.config or str(DEFAULT_CONFIG), args.overrides, SMOKE if args.smoke_test else None)
     return exp, Path(exp.results_dir) / exp.name
@@ -112,7 +116,7 @@ def fold_rows(ds: FaceDataset, k: int, split_seed: int) -> list[tuple[np.ndarray
     base = np.flatnonzero(ds.manifest["subset"].eq(BASE_SUBSET).to_numpy()) if "subset" in ds.manifest \
         else np.arange(len(ds))
     ids = ds.manifest["image_id"].to_numpy()[base]
-    return [(base[tr], base[te]) for tr, te in kfold_splits(ds.labels[base], ids, k, split_seed)]
+    return [(base[tr], base[te]) for tr, te in kfold_splits(ds.labels[base], ids, k, split_seed, ds.classes)]
 
 
 def run_one(ds: FaceDataset, task: RunTask) -> tuple[pd.DataFrame, dict, dict]:
@@ -148,7 +152,7 @@ def signed_gap(preds: pd.DataFrame, attr: str, group: str) -> float:
 
 
 def tag_predictions(preds: pd.DataFrame, spec: RunSpec, split_seed: int) -> pd.DataFrame:
-    """Prediction rows with the run's keys in front (the columns of DESIGN.md's predictions table)."""
+    """Prediction rows with the run's keys in front (the README's ``predictions.parquet`` columns, Tables)."""
     tags = {"run_id": spec.run_id, "arch": spec.arch, "bias_kind": spec.bias.kind,
             "bias_level": float(spec.bias.level), "bias_attr": spec.bias.attr,
             "bias_group": spec.bias.group, "mitigation": spec.mitigation, "fold": spec.fold,
@@ -405,4 +409,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, "python -m study.bias_sweep"))

@@ -7,6 +7,7 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,31 @@ logger = logging.getLogger(__name__)
 SYNTHETIC = "synthetic"
 _NOT_DATA = ("{0}: not a canonical dataset folder (no manifest.parquet). Import it first with "
              "`python -m study.prepare {0} --out DIR`, or use --data synthetic")
+
+_BAD_DATA = "{0}: data must be a table [data] with path = ... or a path string, got {1!r}"
+_UNKNOWN_DATA = "{0}: unknown [data] key(s) {1}; known: path, synthetic"
+
+
+USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError)
+TRACEBACK_ENV = "FER_TRACEBACK"
+
+
+def run_cli(main: Callable[[], int], prog: str) -> int:
+    """Run an entry point's ``main``: a bad key, value or file is one line on stderr and exit status 2.
+
+    The library raises these errors with messages that name the key, value or file and say what to do; a
+    traceback adds nothing for a user. ``FER_TRACEBACK=1`` in the environment shows it anyway.
+    """
+    try:
+        return main()
+    except USER_ERRORS as exc:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        # a KeyError's str() is the repr of its message: show the message itself
+        message = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+        print(f"{prog}: error: {message}\n({type(exc).__name__}; set {TRACEBACK_ENV}=1 for the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -43,6 +69,23 @@ def load_data(spec: str, synthetic_overrides: dict[str, Any] | None = None) -> F
     if path.is_dir() and not (path / "manifest.parquet").is_file():
         raise FileNotFoundError(_NOT_DATA.format(path))
     return load_dataset(path)
+
+
+def data_settings(table: dict[str, Any], where: str) -> tuple[str | None, dict[str, Any]]:
+    """The dataset path (``None`` if not given) and synthetic-generator keys of a config table.
+
+    Reads an experiment file's ``[data]`` table (``path``, ``[data.synthetic]``), ``data = "PATH"`` as
+    ``study.kfold`` records it, and a top-level ``[synthetic]`` table.
+    """
+    data = table.get("data", {})
+    if isinstance(data, str):
+        data = {"path": data}
+    if not isinstance(data, dict):
+        raise TypeError(_BAD_DATA.format(where, data))
+    unknown = set(data) - {"path", "synthetic"}
+    if unknown:
+        raise KeyError(_UNKNOWN_DATA.format(where, sorted(unknown)))
+    return data.get("path"), {**table.get("synthetic", {}), **data.get("synthetic", {})}
 
 
 def make_run_dir(base: str | os.PathLike, name: str, stamp: bool = True) -> Path:

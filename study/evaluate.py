@@ -2,7 +2,8 @@
 
 ``X`` is a canonical dataset folder (written by ``study.prepare``), a folder of images (searched
 recursively; an image inside a folder named after one of the model's classes — after ``--class-map``
-renaming, e.g. ``--class-map Engaged=Focused`` — is labelled with it), or a single image file. Prints the
+renaming, e.g. ``--class-map Engaged=Focused`` — is labelled with it; images in folders named otherwise
+are predicted, not scored, and counted in a warning), or a single image file. Prints the
 predictions (and accuracy, macro-F1 and the confusion matrix where labels are known) and writes
 ``predictions.parquet`` and ``metrics.json`` to ``--out``. Files that cannot be decoded are skipped,
 counted and listed, never silently dropped.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import f1_score
 
 from fer_core.checkpoint import SavedModel, load_model
 from fer_core.config import parse_overrides
@@ -24,13 +26,18 @@ from fer_core.data import load_dataset
 from fer_core.importer import BadImage, decode_image
 from fer_core.metrics import classification_metrics, confusion
 from fer_core.training import predict_proba, to_tensor
-from study.common import make_run_dir, setup_logging, write_table
+from study.common import make_run_dir, run_cli, setup_logging, write_table
 
 logger = logging.getLogger(__name__)
 
 _NO_IMAGES = "{0}: no decodable images found ({1} files skipped); nothing to evaluate"
 _NOT_FOUND = "{0}: no such file or folder"
 _SIZE = "{0}: images are {1}, the model expects {2}; re-import with study.prepare --size {3}"
+_BAD_MAP = "--class-map {0}={1}: {1!r} is not one of the model's classes {2}"
+_UNMATCHED = ("{0}: {1} images carry labels that are not the model's classes {2}: {3}; they are predicted "
+              "but not scored. Rename them with --class-map LABEL=CLASS (e.g. --class-map {4}=...)")
+_ABSENT = ("classes {0} have no labelled image here: the macro averages count them as 0; macro-F1 over the "
+           "{1} classes present: {2:.4f}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,7 +60,12 @@ def load_inputs(data: Path, saved: SavedModel, class_map: dict[str, str]
         ds = load_dataset(data)
         if ds.image_size != saved.input_size:
             raise ValueError(_SIZE.format(data, ds.image_size, saved.input_size, saved.input_size[0]))
-        return np.asarray(ds.pixels), ds.manifest.reset_index(drop=True), []
+        frame = ds.manifest.reset_index(drop=True)
+        if "subset" in frame and frame["subset"].nunique() > 1:
+            logger.info("%s: images per subset %s (all are predicted)", data,
+                        frame["subset"].value_counts().to_dict())
+        frame["label"] = known_labels(frame["label"].map(lambda c: class_map.get(c, c)), saved, data)
+        return np.asarray(ds.pixels), frame, []
     if not data.exists():
         raise FileNotFoundError(_NOT_FOUND.format(data))
     files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.is_file())
@@ -65,11 +77,26 @@ def load_inputs(data: Path, saved: SavedModel, class_map: dict[str, str]
             skipped.append({"path": str(path), "reason": exc.args[0], "detail": exc.args[1]})
             logger.warning("skipped %s: %s", path, exc.args[0])
             continue
+        # an image's folder is its label; --data itself only when it is named after a class
         folder = class_map.get(path.parent.name, path.parent.name)
-        rows.append({"source_path": str(path), "label": folder if folder in saved.classes else None})
+        if path.parent == data and folder not in saved.classes:
+            folder = None
+        rows.append({"source_path": str(path), "label": folder})
     if not pixels:
         raise ValueError(_NO_IMAGES.format(data, len(skipped)))
-    return np.stack(pixels), pd.DataFrame(rows), skipped
+    frame = pd.DataFrame(rows)
+    frame["label"] = known_labels(frame["label"], saved, data)
+    return np.stack(pixels), frame, skipped
+
+
+def known_labels(labels: pd.Series, saved: SavedModel, data: Path) -> pd.Series:
+    """Labels that are the model's classes; others become null, counted and named in a warning."""
+    unmatched = labels[labels.notna() & ~labels.isin(saved.classes)]
+    if len(unmatched):
+        counts = unmatched.value_counts().to_dict()
+        logger.warning(_UNMATCHED.format(data, len(unmatched), list(saved.classes), counts,
+                                         next(iter(counts))))
+    return labels.where(labels.isin(saved.classes), None)
 
 
 def predict(saved: SavedModel, pixels: np.ndarray, frame: pd.DataFrame) -> pd.DataFrame:
@@ -94,6 +121,11 @@ def score(saved: SavedModel, preds: pd.DataFrame) -> dict:
     y_pred = known["y_pred"].map(lookup).to_numpy()
     metrics = classification_metrics(y_true, y_pred, saved.classes)
     metrics["n_labelled"] = len(known)
+    present = np.unique(y_true)
+    if len(present) < len(saved.classes):
+        metrics["macro_f1_present"] = float(f1_score(y_true, y_pred, labels=present, average="macro"))
+        logger.warning(_ABSENT.format([c for i, c in enumerate(saved.classes) if i not in present],
+                                      len(present), metrics["macro_f1_present"]))
     metrics["confusion"] = confusion(y_true, y_pred, len(saved.classes)).tolist()
     return metrics
 
@@ -104,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     saved = load_model(args.model)
     class_map = {k: str(v) for k, v in parse_overrides(args.class_map).items()}
+    for folder, name in class_map.items():
+        if name not in saved.classes:
+            raise ValueError(_BAD_MAP.format(folder, name, list(saved.classes)))
     pixels, frame, skipped = load_inputs(Path(args.data), saved, class_map)
     preds = predict(saved, pixels, frame)
     metrics = score(saved, preds)
@@ -127,4 +162,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, "python -m study.evaluate"))

@@ -30,6 +30,7 @@ from fer_core.config import parse_overrides
 from fer_core.data import FaceDataset, save_dataset
 from fer_core.dataset_spec import DatasetError, DatasetSpec, folder_spec, load_spec
 from fer_core.importer import import_dataset
+from study.common import run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ _NO_SOURCE = "{0}: no such spec file or folder"
 _NO_SYNTHETIC = "synthetic data needs fer_core.synthetic, which is not available"
 _BAD_SYNTHETIC = "synthetic: {0}"
 _WROTE = "wrote %d images (%s) to %s"
+_BAD_SIZE = "--size must be >= 8 pixels, got {0}"
+_ONE_CLASS = ("{0}: the dataset has only the class(es) {1}; no model can be trained on it. Was one class "
+              "folder given instead of the folder that holds the class folders?")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,10 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.size is not None and args.size < 8:
+            raise DatasetError(_BAD_SIZE.format(args.size))
         ds = load_source(args)
     except DatasetError as exc:
         logger.error("%s", exc)
         return 1
+    if len(ds.classes) < 2:
+        logger.warning(_ONE_CLASS.format(args.source, list(ds.classes)))
     report = {**ds.report, "command": shlex.join(["python", "-m", "study.prepare",
                                                    *(sys.argv[1:] if argv is None else argv)])}
     save_dataset(ds, args.out, report)
@@ -134,4 +142,4 @@ def log_summary(ds: FaceDataset, report: dict) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, "python -m study.prepare"))

@@ -46,6 +46,7 @@ from fer_core.fairness import (  # noqa: E402
     GAP_METRICS,
     NO_MITIGATION,
     RUN_KEYS,
+    UNIT_KEYS,
     UNKNOWN,
     fairness_table,
     group_confusions,
@@ -53,7 +54,7 @@ from fer_core.fairness import (  # noqa: E402
     paired_tests,
     unit_intervals,
 )
-from study.common import setup_logging, write_table  # noqa: E402
+from study.common import run_cli, setup_logging, write_table  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ NOT_ATTRIBUTES = {"run_id", "arch", "bias_kind", "bias_level", "bias_attr", "bia
 CLASSES = ("Focused", "Happy", "Neutral", "Surprised")
 _NO_PREDICTIONS = ("{0}: no predictions.parquet; pass the results folder of `python -m study.bias_sweep` "
                    "(or try --smoke-test)")
+_NOT_A_SWEEP = ("{0}: lacks the columns {1} of a bias sweep's predictions (a study.kfold or study.evaluate "
+                "table?); pass the results folder of `python -m study.bias_sweep`")
 _NO_RESULTS = "RESULTS_DIR is required unless --smoke-test is given"
 _PAIRED_DIRECTION = re.compile(r"^\((?P<hi>.+) - (?P<lo>.+)\) run - reference$")
 
@@ -162,6 +165,9 @@ def _smoke_test(cfg: ReportConfig, out: Path | None) -> int:
 def load_tables(results: Path, cfg: ReportConfig, out: Path) -> Tables:
     """Read every table the report needs; compute (and save into ``out``) fairness and paired if missing."""
     predictions = pd.read_parquet(results / "predictions.parquet")
+    missing = [c for c in [*RUN_KEYS, *UNIT_KEYS] if c not in predictions]
+    if missing:
+        raise SystemExit(_NOT_A_SWEEP.format(results / "predictions.parquet", missing))
     predictions["bias_level"] = predictions["bias_level"].astype(float)
     fairness = _read(results / "fairness.parquet")
     attributes = list(cfg.attributes) or _attributes(predictions, fairness)
@@ -799,4 +805,4 @@ def _simulated_rows(images: pd.DataFrame, p_correct: np.ndarray, rng: np.random.
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, "python -m study.report"))

@@ -1,7 +1,8 @@
 """Turn a finished Ray Tune experiment into the study's tables: trials.parquet, best.toml, top-5, refit.
 
-``trials.parquet`` has one row per trial x fold x epoch (columns of DESIGN.md). It is rebuilt from the
-experiment's stored results every time, so after a resume every completed trial appears exactly once.
+``trials.parquet`` has one row per trial x fold x epoch (columns in the README, section Tables). It is
+rebuilt from the experiment's stored results every time, so after a resume every completed trial appears
+exactly once.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def make_trainers(exp: ExperimentConfig, ds: FaceDataset, params: dict[str, Any]
     labels = ds.labels
     attr = exp.search.fairness_attr
     groups = ds.manifest[attr].to_numpy(dtype=object) if attr in ds.attributes else None
-    folds = kfold_splits(labels, ids, exp.split.k, exp.split.split_seed)
+    folds = kfold_splits(labels, ids, exp.split.k, exp.split.split_seed, ds.classes)
     for fold, (train_idx, test_idx) in enumerate(folds):
         fit_idx, val_idx = split_validation(ds, train_idx, cfg, seed=exp.split.split_seed * 1000 + fold)
         trainers.append(Trainer(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],

@@ -23,7 +23,7 @@ from pathlib import Path
 import ray
 
 from fer_core.config import to_dict
-from study.common import load_data, record_run, setup_logging
+from study.common import load_data, record_run, run_cli, setup_logging
 from study.experiment import ExperimentConfig, load_experiment
 from study.results import best_trial, refit_best, top_table, write_best, write_outputs
 from study.runtime import start_ray, trial_resources
@@ -104,4 +104,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, "python -m study.tune"))

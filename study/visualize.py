@@ -1,8 +1,10 @@
 """Plot what a dataset holds: ``python -m study.visualize DATASET --out DIR [--per-class 8] [--seed 0]``.
 
 ``DATASET`` is a canonical dataset folder (written by ``python -m study.prepare``) or ``synthetic``
-(the built-in generated faces; ``key=value`` arguments and the ``[synthetic]`` table of ``--config``
-set the generator, e.g. ``n=400 overrep_class=Focused overrep_share=0.8``). Writes to ``--out``:
+(the built-in generated faces; ``key=value`` arguments and the ``[data.synthetic]`` table of an
+experiment file given as ``--config`` set the generator, e.g. ``n=400 overrep_class=Focused
+overrep_share=0.8``). Without ``DATASET``, the ``[data] path`` of ``--config`` is plotted. Writes to
+``--out``:
 
 - ``class_distribution.png``: images per class; extra-images subsets stacked on the base bars.
 - ``composition_<attribute>.png`` for every attribute column: group counts per class (base subset,
@@ -13,8 +15,8 @@ set the generator, e.g. ``n=400 overrep_class=Focused overrep_share=0.8``). Writ
   attribute (base subset).
 - ``summary.json``: the counts and shares behind every plot, and the ids of the sampled images.
 
-``--smoke-test`` plots a tiny synthetic dataset (with extra images). Exits 1 with a message saying
-what to do when ``DATASET`` is not a canonical folder.
+``--smoke-test`` plots a tiny synthetic dataset (with extra images) and needs no ``DATASET``. Exits 1
+with a message saying what to do when ``DATASET`` is not a canonical folder or a key is wrong.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fer_core.config import load_toml, parse_overrides  # noqa: E402
 from fer_core.data import BASE_SUBSET, MANIFEST, PIXELS, FaceDataset  # noqa: E402
-from study.common import SYNTHETIC, load_data, setup_logging  # noqa: E402
+from study.common import SYNTHETIC, data_settings, load_data, run_cli, setup_logging  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,10 @@ _NOT_CANONICAL = ("{0}: not a canonical dataset folder (needs {1} and {2}). Impo
                   "`python -m study.prepare {0} --out DIR` and pass DIR, or pass 'synthetic'")
 _NO_PATH = "{0}: no such file or folder; pass a canonical dataset folder (see study.prepare) or 'synthetic'"
 _FOLDER_OVERRIDES = "key=value overrides {0} set the synthetic generator; ignored for folder {1}"
-_BAD_PER_CLASS = "--per-class must be >= 1, got {0}"
+MAX_PER_CLASS = 64  # the sample grid is one figure: per-class x classes thumbnails
+_BAD_PER_CLASS = "--per-class must be between 1 and {1} (one figure holds the samples), got {0}"
+_NO_DATASET = ("no DATASET given: pass a canonical dataset folder or 'synthetic', or a --config with "
+               "[data] path")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,16 +58,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m study.visualize", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", metavar="DATASET", help="canonical dataset folder, or 'synthetic'")
+    p.add_argument("dataset", metavar="DATASET", nargs="?",
+                   help="canonical dataset folder, or 'synthetic' (default: the [data] path of --config)")
     p.add_argument("--out", required=True, help="output folder for the PNGs and summary.json")
     p.add_argument("--per-class", type=int, default=8, help="sample images per class (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample draw (default 0)")
-    p.add_argument("--config", help="TOML whose [synthetic] table configures the generator")
+    p.add_argument("--config", help="experiment TOML: its [data] path is the default DATASET and its "
+                   "[data.synthetic] table configures the generator")
     p.add_argument("--smoke-test", action="store_true",
-                   help="ignore DATASET: plot a tiny synthetic dataset, 4 samples per class")
+                   help="plot a tiny synthetic dataset, 4 samples per class (DATASET is ignored)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="synthetic generator keys")
-    return p.parse_intermixed_args(argv)  # key=value may follow the options
+    args = p.parse_intermixed_args(argv)  # key=value may follow the options
+    if args.dataset and "=" in args.dataset and not Path(args.dataset).exists():
+        args.overrides.insert(0, args.dataset)  # no DATASET, only generator keys
+        args.dataset = None
+    return args
 
 
 def check_dataset(spec: str) -> None:
@@ -78,11 +89,13 @@ def check_dataset(spec: str) -> None:
 
 def load(args: argparse.Namespace) -> FaceDataset:
     """The dataset named on the command line (a tiny synthetic one under ``--smoke-test``)."""
-    synthetic = dict(load_toml(args.config).get("synthetic", {})) if args.config else {}
+    path, synthetic = data_settings(load_toml(args.config), args.config) if args.config else (None, {})
     if args.smoke_test:
         synthetic.update(SMOKE)
     overrides = parse_overrides(args.overrides)
-    spec = SYNTHETIC if args.smoke_test else args.dataset
+    spec = SYNTHETIC if args.smoke_test else args.dataset or path
+    if spec is None:
+        raise ValueError(_NO_DATASET)
     if spec != SYNTHETIC and overrides:
         logger.warning(_FOLDER_OVERRIDES.format(sorted(overrides), spec))
     check_dataset(spec)
@@ -328,13 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     """Plot the class distribution, class x group composition, samples and intensities of a dataset."""
     args = parse_args(argv)
     setup_logging(args.verbose)
-    if args.per_class < 1:
-        logger.error(_BAD_PER_CLASS.format(args.per_class))
+    if not 1 <= args.per_class <= MAX_PER_CLASS:
+        logger.error(_BAD_PER_CLASS.format(args.per_class, MAX_PER_CLASS))
         return 1
     try:
         ds = load(args)
-    except (FileNotFoundError, ValueError) as exc:
-        logger.error("%s", exc)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+        logger.error("%s", exc.args[0] if exc.args else exc)  # a KeyError's str() adds quotes
         return 1
     logger.info("%s: %d images (%d base), classes %s, attributes %s", ds.name, len(ds), len(ds.base()),
                 list(ds.classes), list(ds.attributes))
@@ -344,4 +357,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, "python -m study.visualize"))

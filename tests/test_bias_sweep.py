@@ -288,7 +288,7 @@ def test_a_failing_run_is_retried_recorded_and_the_others_finish(tmp_path, ray_r
     ("sweep.levels.stereotypical=[1.5]", "must be in \\(0, 1\\]"),
     ("sweep.kinds=['sampling']", "kinds"),
     ("sweep.mitigations=['dropout']", "mitigations"),
-    ("sweep.colour=1", "unknown config key 'colour'"),
+    ("sweep.colour=1", "unknown config key 'sweep.colour'"),
 ])
 def test_bad_config_is_refused_naming_the_key(override, match):
     with pytest.raises((KeyError, ValueError), match=match):

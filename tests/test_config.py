@@ -67,3 +67,14 @@ def test_keys_added_later_leave_old_hashes_alone_until_used():
                 {"adv_weight": -1.0}, {"adv_weight": float("inf")}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)
+
+
+def test_nested_keys_are_named_with_their_table_and_lists_are_called_lists():
+    from study.experiment import ExperimentConfig
+    from study.sweep_config import SweepExperiment
+
+    unknown = r"cli: unknown config key 'search.num_sample'; known keys: \[.*'search.num_samples'"
+    with pytest.raises(KeyError, match=unknown):
+        from_dict(ExperimentConfig, {"search": {"num_sample": 3}}, "cli")
+    with pytest.raises(TypeError, match=r"cli: key 'sweep.seeds' must be a list, e.g. \[1, 2\], got 0"):
+        from_dict(SweepExperiment, {"sweep": {"seeds": 0}}, "cli")

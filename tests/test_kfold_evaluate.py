@@ -1,6 +1,8 @@
 """study.kfold and study.evaluate end to end on tiny data."""
 
+import dataclasses
 import json
+import tomllib
 
 import numpy as np
 import pandas as pd
@@ -84,3 +86,77 @@ def test_evaluate_rejects_missing_data_and_non_model_files(kfold_run, tmp_path):
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(ValueError, match="other.pt: not a fer-bias-study model file"):
         evaluate.main(["--model", str(other), "--data", str(kfold_run / "data")])
+
+
+def test_kfold_reads_the_data_table_of_an_experiment_file_and_dotted_keys(kfold_run, tmp_path):
+    config = tmp_path / "exp.toml"
+    config.write_text(f'[data]\npath = "{kfold_run / "data"}"\n\n[train]\nepochs = 1\n\n'
+                      '[search]\nnum_samples = 3\n')  # another command's table: ignored
+    out = tmp_path / "run"
+    assert kfold.main(["--config", str(config), "--out", str(out), "split.k=2", "train.batch_size=16"]) == 0
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert len(preds) == 60 and sorted(preds["fold"].unique()) == [0, 1]  # the bars, not synthetic faces
+    recorded = tomllib.loads((out / "config.toml").read_text())
+    assert recorded["data"]["path"] == str(kfold_run / "data")
+    assert recorded["train"]["epochs"] == 1 and recorded["train"]["batch_size"] == 16
+
+
+def test_kfold_names_where_a_bad_key_came_from(tmp_path):
+    config = tmp_path / "exp.toml"
+    config.write_text("[train]\nlrr = 0.1\n")
+    with pytest.raises(KeyError, match=f"{config}: unknown config key 'lrr'"):
+        kfold.main(["--config", str(config), "--smoke-test"])
+    config.write_text("[train]\nlr = 0.1\n")
+    with pytest.raises(KeyError, match="command line: 'lrr' is neither a training key .* nor a split key"):
+        kfold.main(["--config", str(config), "--smoke-test", "lrr=1"])
+    config.write_text("[trian]\nlr = 0.1\n")
+    with pytest.raises(KeyError, match=r"unknown top-level key\(s\) \['trian'\]"):
+        kfold.main(["--config", str(config), "--smoke-test"])
+
+
+def test_evaluate_warns_about_labels_that_are_not_the_models_classes(kfold_run, tmp_path, caplog):
+    model = str(kfold_run / "run" / "models" / "fold0.pt")
+    ds = bar_dataset(12, seed=6)
+    folder = tmp_path / "imgs"
+    for i, (px, label) in enumerate(zip(ds.pixels, ds.manifest["label"], strict=True)):
+        name = "Joyful" if label == "Happy" else label  # one class under another name
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(px).save(folder / name / f"{i}.png")
+    n_joyful = int((ds.manifest["label"] == "Happy").sum())
+    assert evaluate.main(["--model", model, "--data", str(folder), "--out", str(tmp_path / "a")]) == 0
+    assert f"{n_joyful} images carry labels that are not the model's classes" in caplog.text
+    assert "--class-map Joyful=" in caplog.text
+    report = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert report["n_images"] == 12 and report["metrics"]["n_labelled"] == 12 - n_joyful
+    preds = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
+    known = preds[preds["label"].notna()]
+    from sklearn.metrics import f1_score
+
+    present = sorted(known["label"].unique())
+    assert report["metrics"]["macro_f1_present"] == pytest.approx(
+        f1_score(known["label"], known["y_pred"], labels=present, average="macro"))
+    # renamed, every image is scored
+    assert evaluate.main(["--model", model, "--data", str(folder), "--out", str(tmp_path / "b"),
+                          "--class-map", "Joyful=Happy"]) == 0
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["metrics"]["n_labelled"] == 12
+    with pytest.raises(ValueError, match="--class-map Joyful=Joy: 'Joy' is not one of the model's classes"):
+        evaluate.main(["--model", model, "--data", str(folder), "--class-map", "Joyful=Joy"])
+
+
+def test_evaluate_on_a_canonical_dataset_with_a_class_the_model_lacks(kfold_run, tmp_path, caplog):
+    ds = bar_dataset(10, seed=7)
+    ds.manifest.loc[:2, "label"] = "Angry"
+    data = save_dataset(dataclasses.replace(ds, classes=(*ds.classes, "Angry")), tmp_path / "data")
+    model = str(kfold_run / "run" / "models" / "fold0.pt")
+    assert evaluate.main(["--model", model, "--data", str(data), "--out", str(tmp_path / "a")]) == 0
+    assert "3 images carry labels that are not the model's classes" in caplog.text
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["metrics"]["n_labelled"] == 7
+
+
+def test_evaluate_names_a_missing_or_non_model_file(kfold_run, tmp_path):
+    data = str(kfold_run / "data")
+    with pytest.raises(FileNotFoundError, match="nope.pt: no such model file"):
+        evaluate.main(["--model", str(tmp_path / "nope.pt"), "--data", data])
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(ValueError, match="notes.pt: not a fer-bias-study model .*not a torch.save archive"):
+        evaluate.main(["--model", str(tmp_path / "notes.pt"), "--data", data])

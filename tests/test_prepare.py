@@ -105,6 +105,29 @@ def test_images_are_resized_and_made_grayscale(tmp_path: Path) -> None:
     assert ds.pixels.shape == (1, 16, 16) and ds.pixels.dtype == np.uint8
 
 
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    face = np.random.default_rng(4).integers(0, 256, size=(16, 16), dtype=np.uint8)
+    Image.fromarray(face.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit PNG, 0-65535
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    np.testing.assert_array_equal(importer.decode_image(tmp_path / "deep.png", 16), face)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    upright = np.zeros((16, 16), dtype=np.uint8)
+    upright[:4] = 255  # a bright band at the top
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display", as a phone held sideways writes it
+    Image.fromarray(upright).rotate(90).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    decoded = importer.decode_image(tmp_path / "phone.jpg", 16).astype(int)
+    assert decoded[:4].mean() > 200 and decoded[4:].mean() < 50  # the band is back at the top
+
+
+def test_size_below_eight_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert main(["synthetic", "--size", "-3", "--out", str(tmp_path / "out")]) == 1
+    assert "--size must be >= 8 pixels, got -3" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
 def test_attribute_tree_joins_renamed_copies_by_content(folder: Path, tmp_path: Path) -> None:
     tree = folder / "Biased" / "Gender"
     (tree / "Female" / "Happy").mkdir(parents=True)
@@ -340,7 +363,7 @@ def test_table_file_name_with_no_file_is_skipped(folder: Path, tmp_path: Path) -
     ('class_map = { Happy = 3 }\n', ["'class_map'"]),
     ('classes = ["Sad"]\nclass_map = { Happy = "Joy" }\n', ["class_map", "'Joy'", "not in classes"]),
     ('[[extras]]\ndir = "../elsewhere"\n', ["'dir'", "inside the dataset root"]),
-    ('[expected]\nimages = "many"\n', ["expected", "'images'"]),
+    ('[expected]\nimages = "many"\n', ["'expected.images'"]),
     ('[[attribute_tables]]\npath = "a.csv"\nkey = "row"\n', ["'key'", "'row'"]),
 ])
 def test_bad_spec_is_an_error_naming_key_and_file(folder: Path, tmp_path: Path, body: str, words: list[str],
@@ -414,7 +437,8 @@ def _files(folder: Path) -> int:
 @pytest.fixture(scope="module")
 def fer4_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     if not FER4.is_dir():
-        pytest.skip(f"real dataset not found at {FER4.resolve()} (see DESIGN.md, 'Data')")
+        pytest.skip(f"real dataset not found at {FER4.resolve()} "
+                    "(the realdata tests expect ../shared/data/fer4 beside the repository)")
     out = tmp_path_factory.mktemp("fer4")
     spec = Path(__file__).parents[1] / "experiments" / "datasets" / "fer4.toml"
     assert main([str(spec), "--root", str(FER4), "--out", str(out)]) == 0

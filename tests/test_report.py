@@ -167,3 +167,11 @@ def test_smoke_test(tmp_path):
 def test_missing_predictions_say_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="no predictions.parquet"):
         main([str(tmp_path)])
+
+
+def test_a_folder_that_is_not_a_sweep_is_named(tmp_path):
+    write_table(pd.DataFrame({"fold": [0], "image_id": ["a"], "y_true": ["Happy"], "y_pred": ["Happy"]}),
+                tmp_path / "predictions.parquet")  # what study.kfold writes, without the sweep's keys
+    with pytest.raises(SystemExit, match=r"lacks the columns \['arch', 'bias_kind', 'bias_level', "
+                                         r"'mitigation', 'seed'\] of a bias sweep's predictions"):
+        main([str(tmp_path)])

@@ -40,3 +40,9 @@ def test_split_seed_reproducible_and_changes_folds():
 def test_too_few_images_for_k_is_explained():
     with pytest.raises(ValueError, match="fewer than k=5"):
         list(kfold_splits(np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1]), np.arange(10), 5, 0))
+
+
+def test_too_few_images_names_the_class_when_names_are_given():
+    labels, ids = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1]), np.arange(10)
+    with pytest.raises(ValueError, match="class 'Happy' has 3 images, fewer than k=5"):
+        kfold_splits(labels, ids, 5, 0, ("Happy", "Neutral"))  # checked at the call, before any fold

@@ -111,3 +111,23 @@ def test_not_a_canonical_folder_is_a_clear_error(tmp_path, caplog, make):
     assert main([str(target), "--out", str(tmp_path / "viz")]) == 1
     assert str(target) in caplog.text and "study.prepare" in caplog.text
     assert not (tmp_path / "viz").exists()
+
+
+def test_experiment_file_sets_the_generator_and_smoke_test_needs_no_dataset(tmp_path):
+    config = tmp_path / "exp.toml"
+    config.write_text('[data]\npath = "synthetic"\n\n[data.synthetic]\nn = 40\nn_extra = 0\n')
+    assert main(["--config", str(config), "--out", str(tmp_path / "a")]) == 0  # DATASET from [data]
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["n_base"] == 40
+    assert main(["--smoke-test", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["n_base"] == 96
+
+
+@pytest.mark.parametrize("args, words", [
+    (["synthetic", "nn=3"], "unknown config key 'nn'"),
+    (["synthetic", "n=abc"], "key 'n' must be int"),
+    (["synthetic", "--per-class", "1000"], "--per-class must be between 1 and 64"),
+    ([], "no DATASET given"),
+])
+def test_bad_arguments_are_one_clear_error(tmp_path, caplog, args, words):
+    assert main([*args, "--out", str(tmp_path / "viz")]) == 1
+    assert words in caplog.text

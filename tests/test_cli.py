@@ -1,0 +1,48 @@
+"""Entry points: a user's mistake is one line naming the key, value or file, not a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from study import bias_sweep
+from study.common import TRACEBACK_ENV, run_cli
+
+
+def bad_key() -> int:
+    raise KeyError("x.toml: unknown config key 'lrr'")
+
+
+def test_a_user_error_is_one_line_and_exit_status_2(capsys, monkeypatch):
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    assert run_cli(bad_key, "prog") == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == "prog: error: x.toml: unknown config key 'lrr'"  # no KeyError quotes
+    assert f"set {TRACEBACK_ENV}=1" in err and "Traceback" not in err
+
+
+def test_the_traceback_on_request_and_for_anything_else(monkeypatch):
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(KeyError):
+        run_cli(bad_key, "prog")
+    monkeypatch.delenv(TRACEBACK_ENV)
+
+    def bug() -> int:
+        raise RuntimeError("not a user's mistake")
+
+    with pytest.raises(RuntimeError):
+        run_cli(bug, "prog")
+
+
+def test_python_dash_m_prints_the_message_not_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "study.kfold", "--smoke-test", "lr=fast"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "python -m study.kfold: error: command line: key 'lr' must be float, got 'fast'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_resume_refuses_a_folder_that_is_not_a_sweep(tmp_path):
+    (tmp_path / "config.toml").write_text('[data]\npath = "synthetic"\n\n[train]\nepochs = 2\n')
+    with pytest.raises(ValueError, match="no \\[sweep\\] table, so it was not written by study.bias_sweep"):
+        bias_sweep.resolve(bias_sweep.parse_args(["--resume", str(tmp_path)]))
