@@ -626,6 +626,8 @@ _ATTR_NOTE = ("{attr}: {read} annotations read (tree files / table rows), {match
               "{per_group}")
 _EXTRA_NOTE = ("{subset}: the {n} base images that also appear in this folder (which says {attr} = "
                "{value!r}) keep their base {attr}: {dist}")
+_CASE_NOTE = ("{attr}: the groups {names} differ only in case or spaces and are kept apart; if they are "
+              "one group, write them the same way in the attribute table or folders")
 _EMPTY_CLASS_NOTE = "class {0!r} is listed in the spec but no image has it"
 _SKIP_NOTE = "{n} files or table rows skipped (see skipped): {reasons}"
 _EXPECTED_OK = ("all {n} expected counts of the spec match the files read; row counts are lower only by "
@@ -640,6 +642,7 @@ def _notes(ds: FaceDataset, imp: _Importer, report: dict[str, Any]) -> list[str]
     notes = [_subset_note(subset, imp, report) for subset in imp.files]
     notes += [_attr_note(attr, imp, report) for attr in imp.attributes]
     notes += _extra_notes(ds, imp)
+    notes += _case_notes(imp, report)
     notes += [_EMPTY_CLASS_NOTE.format(c) for c in ds.classes if not (ds.manifest["label"] == c).any()]
     if report["skipped"]:
         notes.append(_SKIP_NOTE.format(n=len(report["skipped"]), reasons=report["counts"]["skipped"]))
@@ -649,6 +652,23 @@ def _notes(ds: FaceDataset, imp: _Importer, report: dict[str, Any]) -> list[str]
         notes.append(_EXPECTED_OK.format(n=len(report["expected"])))
     if imp.smoke_test:
         notes.append(_SMOKE_NOTE)
+    return notes
+
+
+def _case_notes(imp: _Importer, report: dict[str, Any]) -> list[str]:
+    """Groups of one attribute whose names differ only in case or spaces (``Female``, ``female ``).
+
+    They are kept apart, as written; the note (also logged as a warning) says how to make them one.
+    """
+    notes = []
+    for attr in imp.attributes:
+        spellings = defaultdict(list)
+        for group in report["counts"]["groups"][attr]:
+            if group != NULL_GROUP:
+                spellings[group.strip().casefold()].append(group)
+        for names in (sorted(v) for v in spellings.values() if len(v) > 1):
+            notes.append(_CASE_NOTE.format(attr=attr, names=names))
+            logger.warning(notes[-1])
     return notes
 
 

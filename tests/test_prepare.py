@@ -75,6 +75,17 @@ def test_class_folders_with_attributes_csv_need_no_spec(folder: Path, tmp_path: 
     assert report["counts"]["groups"]["gender"] == {"Female": 2, "Male": 1, "null": 2}
 
 
+def test_groups_differing_only_in_case_are_kept_apart_and_noted(folder: Path, tmp_path: Path) -> None:
+    (folder / "attributes.csv").write_text("path,gender\nHappy/h0.png,Female\nHappy/h1.png,female \n"
+                                           "Sad/s0.png,Male\n")
+    rc, report = prepare(folder, tmp_path / "out", "--size", str(SIZE))
+    assert rc == 0
+    genders = load_dataset(tmp_path / "out").manifest["gender"]
+    assert sorted(genders.dropna().unique()) == ["Female", "Male", "female"]  # nothing silently merged
+    (note,) = [n for n in report["notes"] if "differ only in case" in n]
+    assert note.startswith("gender: the groups ['Female', 'female']")
+
+
 def test_manifest_matches_pixels(folder: Path, tmp_path: Path) -> None:
     assert prepare(folder, tmp_path / "out", "--size", str(SIZE))[0] == 0
     ds = load_dataset(tmp_path / "out")
