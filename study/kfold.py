@@ -26,6 +26,7 @@ from fer_core.checkpoint import save_model
 from fer_core.config import SplitConfig, TrainConfig, from_dict, load_toml, parse_overrides, to_dict
 from fer_core.crossval import run_kfold
 from fer_core.models import list_models
+from fer_core.splits import kfold_splits
 from study.common import (
     SYNTHETIC,
     data_settings,
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     train, split, data, synthetic = resolve(args)
     ds = load_data(data, synthetic).base()
+    # a class too small for k is refused here, before any output folder is made
+    kfold_splits(ds.labels, ds.manifest["image_id"].to_numpy(), split.k, split.split_seed, ds.classes)
     out = Path(args.out) if args.out else make_run_dir("results", f"kfold-{train.arch}")
     out.mkdir(parents=True, exist_ok=True)
     used = {"path": data, "synthetic": synthetic} if data == SYNTHETIC and synthetic else {"path": data}

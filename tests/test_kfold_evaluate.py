@@ -160,3 +160,10 @@ def test_evaluate_names_a_missing_or_non_model_file(kfold_run, tmp_path):
     (tmp_path / "notes.pt").write_text("hello")
     with pytest.raises(ValueError, match="notes.pt: not a fer-bias-study model .*not a torch.save archive"):
         evaluate.main(["--model", str(tmp_path / "notes.pt"), "--data", data])
+
+
+def test_kfold_names_a_class_too_small_for_k_before_writing_anything(tmp_path):
+    data = save_dataset(bar_dataset(12, seed=8), tmp_path / "data")
+    with pytest.raises(ValueError, match=r"class '\w+' has \d images, fewer than k=10 folds"):
+        kfold.main(["--data", str(data), "--out", str(tmp_path / "run"), "k=10"])
+    assert not (tmp_path / "run").exists()
