@@ -27,52 +27,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing as mp
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bias_fer4  # noqa: E402  (the sweep benchmark's verdict, shared)
-import tune_fer4  # noqa: E402  (dataset cache and the finished-study check, shared)
+import tune_fer4  # noqa: E402  (the study run, dataset cache and 5-fold pool, shared)
 
 from fer_core.config import MITIGATIONS, TrainConfig  # noqa: E402
-from fer_core.crossval import train_on_split  # noqa: E402
 from fer_core.fairness import paired_tests, unit_intervals  # noqa: E402
 from fer_core.splits import kfold_splits  # noqa: E402
 from study.experiment import load_experiment, trial_train_config  # noqa: E402
 
-K = 5
+K = tune_fer4.K
 STUDY = ["name=fer4-fair", "search.objective='pareto'", "search.scheduler='fifo'", "search.num_samples=10",
          "search.refit=false", "search.space.arch=['main']",
          f"search.space.mitigation={list(MITIGATIONS)}", "train.val_fraction=0.2", "train.epochs=30"]
 RUN = {"arch": "main", "bias_kind": "none", "bias_level": 0.0, "seed": 0}
 _FOLDS_DIFFER = ("{0}: fold {1}'s test images are not those of the 5-fold split (split seed 0) used here; "
                  "give the predictions of a sweep with k = 5 and split_seed = 0 on the same dataset")
-
-
-def one_fold(cfg: TrainConfig, path: str, fold: int) -> pd.DataFrame:
-    """Test predictions of ``cfg`` on fold ``fold`` of the 5-fold split (split seed 0), in one thread."""
-    torch.set_num_threads(1)
-    ds = tune_fer4.dataset(path)
-    train_idx, test_idx = list(kfold_splits(ds.labels, ds.manifest["image_id"].to_numpy(), K, 0))[fold]
-    return train_on_split(cfg, ds, train_idx, test_idx, fold=fold).predictions
-
-
-def five_folds(cfgs: dict[str, TrainConfig], path: str, workers: int) -> pd.DataFrame:
-    """Every named configuration on every fold, all jobs in one pool; one predictions table."""
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        jobs = {(name, f): pool.submit(one_fold, cfg, path, f)
-                for name, cfg in cfgs.items() for f in range(K)}
-        frames = [job.result().assign(fold=f, mitigation=name, run_id=f"{name}__fold{f}", **RUN)
-                  for (name, f), job in jobs.items()]
-    return pd.concat(frames, ignore_index=True)
 
 
 def reference_runs(path: str, data: str) -> pd.DataFrame:
@@ -121,7 +99,8 @@ def main() -> None:
     if not args.reference:
         cfgs["none"] = TrainConfig()
     start = time.perf_counter()
-    preds = five_folds(cfgs, args.data, args.workers)
+    preds = tune_fer4.five_folds(cfgs, args.data, args.workers).rename(columns={"config": "mitigation"})
+    preds = preds.assign(run_id=preds["mitigation"] + "__fold" + preds["fold"].astype(str), **RUN)
     print(f"5-fold runs: {len(cfgs) * K} folds in {(time.perf_counter() - start) / 60:.1f} min "
           f"on {args.workers} workers")
     if args.reference:
