@@ -48,6 +48,11 @@ class SearchSpace:
                 trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
 
 
+_GRACE = ("search.grace_period = {0} is more than the largest epoch budget, {1} (train.epochs, or the "
+          "top of search.space.epochs): ASHA could never judge a trial. Lower search.grace_period or raise "
+          "the budget")
+
+
 def max_epochs(exp: ExperimentConfig) -> int:
     """The largest epoch budget any trial can get (ASHA's ``max_t``)."""
     spec = exp.search.space.get("epochs")
@@ -90,6 +95,8 @@ def make_scheduler(exp: ExperimentConfig) -> ASHAScheduler | None:
     """ASHA on the k-fold objective per epoch, or ``None`` (FIFO: every trial runs its budget)."""
     if exp.search.scheduler != "asha":
         return None
+    if max_epochs(exp) < exp.search.grace_period:
+        raise ValueError(_GRACE.format(exp.search.grace_period, max_epochs(exp)))
     return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(exp),
                          grace_period=exp.search.grace_period, reduction_factor=exp.search.reduction_factor)
 

@@ -19,7 +19,7 @@ from fer_core.data import image_id
 from study import evaluate
 from study.experiment import load_experiment
 from study.results import best_trial, summary_table
-from study.search import check_resumable
+from study.search import check_resumable, make_scheduler
 from study.trainable import make_trainers
 from tests.helpers import bar_dataset
 
@@ -95,6 +95,13 @@ def test_tune_resume_refuses_a_torn_state_before_starting_ray(tmp_path, monkeypa
     monkeypatch.setattr(tune, "start_ray", lambda *a: pytest.fail("Ray started on a torn state"))
     with pytest.raises(ValueError, match="experiment_state-2026-01-01_00-00-00.json: the file is empty"):
         tune.main(["--resume", str(tmp_path)])
+
+
+def test_a_grace_period_longer_than_the_budget_is_a_named_error():
+    exp = load_experiment(None, ["train.epochs=4", "search.grace_period=6"])
+    with pytest.raises(ValueError, match="search.grace_period = 6 is more than the largest epoch budget, 4"):
+        make_scheduler(exp)
+    assert make_scheduler(load_experiment(None, ["train.epochs=6", "search.grace_period=6"])) is not None
 
 
 def test_resume_without_a_study_names_the_folder(tmp_path):
