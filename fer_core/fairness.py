@@ -437,8 +437,13 @@ def _overall_per_unit(units: pd.DataFrame, unit: np.ndarray, y_true: np.ndarray,
                       units.assign(attribute="all", metric="macro_f1", direction="macro_f1", value=f1)])
 
 
-def _t_summary(x: np.ndarray, y: np.ndarray | None = None, wilcoxon: bool = True) -> dict:
+def _t_summary(x: np.ndarray, y: np.ndarray | None = None, wilcoxon: bool = True,
+               bounds: tuple[float, float] = (-np.inf, np.inf)) -> dict:
     """Mean (of ``x - y`` when paired), 95% t interval, Cohen's d_z and t-test p; zero variance explicit.
+
+    The interval is intersected with ``bounds``, the range the quantity can take: with two units the
+    t quantile is 12.7 and an accuracy's interval would run past 0 and 1. The true value lies in the
+    range, so the intersection covers it whenever the t interval does.
 
     Constant differences would make scipy warn (catastrophic cancellation) and return NaN: they get
     p = 1 when all are 0, otherwise p = NaN and effect size NaN (infinite), with the interval collapsed
@@ -462,7 +467,8 @@ def _t_summary(x: np.ndarray, y: np.ndarray | None = None, wilcoxon: bool = True
     else:
         res = stats.ttest_rel(x, y) if y is not None else stats.ttest_1samp(x, 0.0)
         ci = res.confidence_interval(CI_LEVEL)
-        out.update(ci_low=float(ci.low), ci_high=float(ci.high), p_value=float(res.pvalue), test=name,
+        out.update(ci_low=max(float(ci.low), bounds[0]), ci_high=min(float(ci.high), bounds[1]),
+                   p_value=float(res.pvalue), test=name,
                    effect_size=mean / float(np.std(diff, ddof=1)))
     if wilcoxon and n >= MIN_WILCOXON:
         out["test"] += "+wilcoxon"
@@ -574,11 +580,13 @@ def unit_intervals(predictions: pd.DataFrame, attributes: list[str], *,
         ``ci_high``, ``effect_size`` (mean / sd) and ``p_value`` (one-sample t-test of the gap against
         0; NaN for accuracy and macro-F1, where it means nothing). Units are the (fold, seed) models,
         so the interval is the cross-validated one (folds share training images, so it is approximate).
+        Intervals are cut to the metric's range: [0, 1] for accuracy and macro-F1, [-1, 1] for gaps.
     """
     units = unit_metrics(predictions, attributes, focus=focus)
     rows = []
     for key, g in units.groupby([*RUN_KEYS, "attribute", "metric", "direction"], sort=True, dropna=False):
-        summary = _t_summary(g["value"].dropna().to_numpy(), wilcoxon=False)
+        bounds = (-1.0, 1.0) if key[-2] in GAP_METRICS else (0.0, 1.0)
+        summary = _t_summary(g["value"].dropna().to_numpy(), wilcoxon=False, bounds=bounds)
         if key[-2] not in GAP_METRICS:
             summary["p_value"] = np.nan
         rows.append({**dict(zip([*RUN_KEYS, "attribute", "metric", "direction"], key, strict=True)),

@@ -363,6 +363,24 @@ def test_unit_metrics_and_intervals_by_hand():
     assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(res.confidence_interval(0.95)))
 
 
+def test_unit_intervals_stay_inside_the_metric_range():
+    """Two folds, accuracy 0.95 and 0.55: the t interval (quantile 12.7) would run past 1; it is cut at 1
+    and its other end is scipy's."""
+    parts = []
+    for fold, right in ((0, 19), (1, 11)):
+        y_pred = ["Happy"] * right + ["Neutral"] * (20 - right)
+        parts.append(pd.DataFrame({"y_true": "Happy", "y_pred": y_pred, "gender": ["Female", "Male"] * 10})
+                     .assign(arch="main", bias_kind="none", bias_level=0.0, mitigation="none", fold=fold,
+                             seed=0))
+    intervals = unit_intervals(pd.concat(parts, ignore_index=True), ["gender"]).set_index("metric")
+    raw = stats.ttest_1samp([0.95, 0.55], 0.0).confidence_interval(0.95)
+    assert raw.high > 1 and raw.low < 0  # what would be printed without the cut
+    assert intervals.loc["accuracy", "ci_high"] == 1.0 and intervals.loc["accuracy", "ci_low"] == 0.0
+    assert intervals.loc["accuracy", "mean"] == pytest.approx(0.75)
+    gap = intervals.loc["accuracy_gap"]
+    assert -1.0 <= gap["ci_low"] <= gap["mean"] <= gap["ci_high"] <= 1.0
+
+
 def test_unit_metrics_do_not_depend_on_row_order():
     frame = pd.concat([_planted(effect=0.3), _planted(effect=0.3, seed=1).assign(mitigation="groupdro")])
     shuffled = frame.sample(frac=1, random_state=0)
