@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 TABLE_NAMES = ("attributes.csv", "attributes.json")
 TABLE_KEYS = ("auto", "path", "filename")
+IMAGE_FITS = ("crop", "pad", "stretch")  # how a non-square image becomes square (see importer.to_square)
 ABSOLUTE = "absolute path in table"
 ESCAPES = "path escapes the dataset root"
 _UNKNOWN_KEY = "{where}: unknown key {key!r}; known keys: {known}"
@@ -31,6 +32,7 @@ _NOT_TABLES = "{where}: key {key!r} must be a list of tables ([[{key}]]), got {g
 _NOT_STR_MAP = "{where}: key {key!r} must map names to strings, got {got!r}"
 _NOT_INT_MAP = "{where}: key {key!r} must map names to integers, got {got!r}"
 _BAD_SIZE = "{where}: key 'image_size' must be >= 8, got {got!r}"
+_BAD_FIT = "{where}: key 'image_fit' must be one of {choices}, got {got!r}"
 _BAD_TABLE_KEY = "{where}: key 'key' must be one of {choices}, got {got!r}"
 _BAD_DIR = "{where}: key {key!r} must be a relative path inside the dataset root, got {got!r}"
 _BAD_MAP_TARGET = "{where}: class_map sends {raw!r} to {got!r}, which is not in classes {classes}"
@@ -147,6 +149,9 @@ class DatasetSpec:
         Renaming of class folder names (``Engaged = "Focused"``), in class folders and trees alike.
     image_size
         Height and width of the imported images.
+    image_fit
+        How a non-square image is made square before resizing: ``"crop"`` keeps its centred square,
+        ``"pad"`` pads the short side with the median of its border pixels, ``"stretch"`` distorts it.
     attribute_trees, attribute_tables, extras
         See :class:`AttributeTree`, :class:`AttributeTable`, :class:`ExtraFolder`.
     expected
@@ -159,6 +164,7 @@ class DatasetSpec:
     classes: tuple[str, ...] = ()
     class_map: dict[str, str] = field(default_factory=dict)
     image_size: int = 48
+    image_fit: str = "crop"
     attribute_trees: tuple[AttributeTree, ...] = ()
     attribute_tables: tuple[AttributeTable, ...] = ()
     extras: tuple[ExtraFolder, ...] = ()
@@ -238,6 +244,8 @@ def _validate(spec: DatasetSpec, where: str) -> None:
     """Checks that :func:`fer_core.config.from_dict` cannot do: value types in maps, ranges, paths."""
     if spec.image_size < 8:
         raise DatasetError(_BAD_SIZE.format(where=where, got=spec.image_size))
+    if spec.image_fit not in IMAGE_FITS:
+        raise DatasetError(_BAD_FIT.format(where=where, choices=list(IMAGE_FITS), got=spec.image_fit))
     _str_map(spec.class_map, where, "class_map")
     for raw, final in spec.class_map.items():
         if spec.classes and final not in spec.classes:

@@ -12,7 +12,8 @@ One :class:`DatasetSpec` (a small TOML file read by :func:`load_spec`, or built 
   female"): their rows get ``subset = <name>`` instead of ``"base"``.
 
 Every image is decoded by content with PIL (extensions are not trusted: a ``.png`` may hold a JPEG),
-converted to one channel and resized to ``image_size``. Identical pixels with one label become one row
+converted to one channel, made square as ``image_fit`` says (centre crop by default; the report counts
+the non-square files) and resized to ``image_size``. Identical pixels with one label become one row
 (the others are listed as merged); identical pixels with different labels are all dropped and listed as
 a label conflict. An image that two sources put into different groups of one attribute gets a null value
 and is listed as an attribute conflict. A file that cannot be used is listed under ``skipped`` with its
@@ -41,6 +42,7 @@ from PIL import Image, ImageOps
 from fer_core.config import to_dict
 from fer_core.data import BASE_SUBSET, FaceDataset, image_id
 from fer_core.dataset_spec import (
+    IMAGE_FITS,
     AttributeTable,
     AttributeTree,
     DatasetError,
@@ -84,6 +86,14 @@ _NO_KEY_COLUMN = "{0}: attribute table has no {1!r} column (columns: {2})"
 _NOTHING = ("{0}: nothing usable to import ({1} files skipped: {2}); expected class folders "
             "<root>/<class>/<image>, or write a dataset spec (see experiments/datasets/fer4.toml)")
 _SKIP_LOG = "skipped %s: %s%s"
+_NON_SQUARE_NOTE = {
+    "crop": "non-square images: {n}; each kept its centred square, resized to {size}x{size} "
+            "(image_fit = \"crop\"; \"pad\" keeps the whole image, \"stretch\" distorts it)",
+    "pad": "non-square images: {n}; each was padded to a square with its median border value, then "
+           "resized to {size}x{size} (image_fit = \"pad\")",
+    "stretch": "non-square images: {n}; each was stretched to {size}x{size}, distorting the face "
+               "(image_fit = \"stretch\"; \"crop\" keeps its proportions)",
+}
 _MAX_SKIP_LOGS = 10
 
 
@@ -103,20 +113,8 @@ def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """Decode ``path`` by content, as one channel, resized to ``size`` x ``size`` (bilinear).
-
-    Parameters
-    ----------
-    path
-        Any file; its extension is ignored.
-    size
-        Output height and width.
-
-    Returns
-    -------
-    numpy.ndarray
-        uint8 array (size, size).
+def read_gray(path: Path) -> Image.Image:
+    """Decode ``path`` by content as one 8-bit channel, turned upright by its EXIF orientation.
 
     Raises
     ------
@@ -131,14 +129,43 @@ def decode_image(path: Path, size: int) -> np.ndarray:
             img = ImageOps.exif_transpose(img)  # a camera's orientation tag: faces upright
             if img.mode in ("P", "PA"):  # palette transparency must go through RGBA
                 img = img.convert("RGBA")
-            gray = _sixteen_bit_to_8(img) if img.mode in WIDE_GRAY_MODES else img.convert("L")
+            return _sixteen_bit_to_8(img) if img.mode in WIDE_GRAY_MODES else img.convert("L")
     except Image.UnidentifiedImageError as exc:
         raise BadImage(NOT_IMAGE, str(exc)) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadImage(CORRUPT, str(exc)) from None
-    if gray.size != (size, size):
+
+
+def to_square(gray: Image.Image, size: int, fit: str = "crop") -> np.ndarray:
+    """``gray`` as a ``size`` x ``size`` uint8 array (bilinear resizing).
+
+    A non-square image is first made square as ``fit`` says: ``"crop"`` keeps the centred square (a face
+    photo keeps its proportions and loses the sides), ``"pad"`` adds bands of the median border pixel on
+    the short side, ``"stretch"`` resizes it as it is, distorting the face. A square image is only resized.
+    """
+    if fit not in IMAGE_FITS:
+        raise ValueError(f"image fit must be one of {list(IMAGE_FITS)}, got {fit!r}")
+    width, height = gray.size
+    if width != height and fit == "crop":
+        gray = ImageOps.fit(gray, (size, size), Image.Resampling.BILINEAR)
+    elif width != height and fit == "pad":
+        values = np.asarray(gray)
+        border = np.concatenate([values[0], values[-1], values[:, 0], values[:, -1]])
+        gray = ImageOps.pad(gray, (size, size), Image.Resampling.BILINEAR, color=int(np.median(border)))
+    elif gray.size != (size, size):
         gray = gray.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(gray, dtype=np.uint8)
+
+
+def decode_image(path: Path, size: int, fit: str = "crop") -> np.ndarray:
+    """Decode ``path`` by content (extension ignored) as a (size, size) uint8 array; see :func:`to_square`.
+
+    Raises
+    ------
+    BadImage
+        As :func:`read_gray`.
+    """
+    return to_square(read_gray(path), size, fit)
 
 
 def natural_key(text: str) -> list:
@@ -204,6 +231,7 @@ class _Importer:
         self.matched: Counter = Counter()  # attribute -> annotations joined to a row
         self.annotated: dict[str, set[str]] = defaultdict(set)  # attribute -> image ids with annotations
         self.extra_duplicates: dict[str, Counter] = defaultdict(Counter)  # subset -> files, images
+        self.non_square: Counter = Counter()  # subset -> decoded files that were not square
         self.attributes: list[str] = []
         self.skip_counts: Counter = Counter()  # reason -> entries, to log only the first few
         self.lists: dict[str, list[dict]] = {k: [] for k in
@@ -246,15 +274,19 @@ class _Importer:
         if self.skip_counts[reason] <= _MAX_SKIP_LOGS:
             logger.warning(_SKIP_LOG, path, reason, f" ({detail})" if detail else "")
 
-    def _decode(self, path: Path) -> np.ndarray | None:
+    def _decode(self, path: Path, subset: str | None = None) -> np.ndarray | None:
+        """Pixels of ``path``, or None when it is skipped; a non-square image of ``subset`` is counted."""
         if path.name.startswith("."):
             self.skip(self._rel(path), HIDDEN)
             return None
         try:
-            return decode_image(path, self.spec.image_size)
+            gray = read_gray(path)
         except BadImage as exc:
             self.skip(self._rel(path), exc.args[0], exc.args[1])
             return None
+        if gray.width != gray.height and subset is not None:
+            self.non_square[subset] += 1
+        return to_square(gray, self.spec.image_size, self.spec.image_fit)
 
     def _walk(self, folder: Path) -> list[Path]:
         """All files under ``folder`` (sorted; at most :data:`SMOKE_FILES` per folder in a smoke test)."""
@@ -297,7 +329,7 @@ class _Importer:
                         self.skip(self._rel(path), HIDDEN if hidden else UNKNOWN_CLASS)
                 elif path.parent != entry:
                     self.skip(self._rel(path), NESTED)
-                elif (pixels := self._decode(path)) is not None:
+                elif (pixels := self._decode(path, subset)) is not None:
                     images.append(_Image(self._rel(path), label, subset, pixels, image_id(pixels)))
         return images
 
@@ -562,6 +594,7 @@ counts.groups       attribute -> group -> base rows ("null": no value)
 counts.groups_by_class  attribute -> class -> group -> base rows
 counts.annotations  attribute -> group -> tree files / table rows giving that value (read, joined or not)
 counts.extra_duplicates  extra subset -> {files, images}: its files / distinct images equal to a base image
+counts.non_square   subset -> decoded files that were not square (made square as spec.image_fit says)
 counts.skipped / merged / label_conflicts / attribute_conflicts   reason (or attribute) -> entries
 skipped             [{path, reason, detail?, where?}]  every file or table row not used
 merged              [{image_id, kept, merged, subset, reason}]  one per file folded into another row
@@ -587,6 +620,7 @@ def _counts(ds: FaceDataset, imp: _Importer) -> dict[str, Any]:
         "annotations": {a: dict(sorted(imp.annotations[a].items())) for a in imp.attributes},
         "extra_duplicates": {s: {"files": c["files"], "images": c["images"]}
                              for s, c in imp.extra_duplicates.items()},
+        "non_square": dict(imp.non_square),
         "skipped": dict(Counter(e["reason"] for e in lists["skipped"])),
         "merged": dict(Counter(e["reason"] for e in lists["merged"])),
         "label_conflicts": dict(Counter(e["reason"] for e in lists["label_conflicts"])),
@@ -643,6 +677,9 @@ def _notes(ds: FaceDataset, imp: _Importer, report: dict[str, Any]) -> list[str]
     notes += [_attr_note(attr, imp, report) for attr in imp.attributes]
     notes += _extra_notes(ds, imp)
     notes += _case_notes(imp, report)
+    if imp.non_square:
+        notes.append(_NON_SQUARE_NOTE[imp.spec.image_fit].format(n=sum(imp.non_square.values()),
+                                                                 size=imp.spec.image_size))
     notes += [_EMPTY_CLASS_NOTE.format(c) for c in ds.classes if not (ds.manifest["label"] == c).any()]
     if report["skipped"]:
         notes.append(_SKIP_NOTE.format(n=len(report["skipped"]), reasons=report["counts"]["skipped"]))

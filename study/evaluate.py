@@ -6,7 +6,8 @@ renaming, e.g. ``--class-map Engaged=Focused`` — is labelled with it; images i
 are predicted, not scored, and counted in a warning), or a single image file. Prints the
 predictions (and accuracy, macro-F1 and the confusion matrix where labels are known) and writes
 ``predictions.parquet`` and ``metrics.json`` to ``--out``. Files that cannot be decoded are skipped,
-counted and listed, never silently dropped.
+counted and listed, never silently dropped. A non-square image is made square as ``--fit`` says
+(default: its centred square, as ``study.prepare`` does); its original size is kept in the table.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from sklearn.metrics import f1_score
 from fer_core.checkpoint import SavedModel, load_model
 from fer_core.config import parse_overrides
 from fer_core.data import load_dataset
-from fer_core.importer import BadImage, decode_image
+from fer_core.dataset_spec import IMAGE_FITS
+from fer_core.importer import BadImage, read_gray, to_square
 from fer_core.metrics import classification_metrics, confusion
 from fer_core.training import predict_proba, to_tensor
 from study.common import make_run_dir, run_cli, setup_logging, write_table
@@ -36,6 +38,8 @@ _SIZE = "{0}: images are {1}, the model expects {2}; re-import with study.prepar
 _BAD_MAP = "--class-map {0}={1}: {1!r} is not one of the model's classes {2}"
 _UNMATCHED = ("{0}: {1} images carry labels that are not the model's classes {2}: {3}; they are predicted "
               "but not scored. Rename them with --class-map LABEL=CLASS (e.g. --class-map {4}=...)")
+_NON_SQUARE = ("%d of %d images were not square; each was made square by --fit %s before resizing to %dx%d "
+               "(their sizes are in the table's original_size column)")
 _ABSENT = ("classes {0} have no labelled image here: the macro averages count them as 0; macro-F1 over the "
            "{1} classes present: {2:.4f}")
 
@@ -47,15 +51,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="canonical dataset folder, image folder, or one image")
     p.add_argument("--class-map", nargs="*", default=[], metavar="FOLDER=CLASS",
                    help="rename label folders to the model's class names")
+    p.add_argument("--fit", choices=IMAGE_FITS, default="crop",
+                   help="how a non-square image is made square: keep its centred square (crop, the default "
+                        "of study.prepare), pad its short side (pad) or distort it (stretch); use what the "
+                        "model's training data was imported with")
     p.add_argument("--out", help="output folder (default results/evaluate-<time>)")
     p.add_argument("--show", type=int, default=20, help="print at most this many predictions (0: none)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
 
-def load_inputs(data: Path, saved: SavedModel, class_map: dict[str, str]
+def load_inputs(data: Path, saved: SavedModel, class_map: dict[str, str], fit: str = "crop"
                 ) -> tuple[np.ndarray, pd.DataFrame, list[dict]]:
-    """Pixels (N, H, W), a frame with ``source_path``/``label`` (null if unknown), and skipped files."""
+    """Pixels (N, H, W), a frame with ``source_path``/``label`` (null if unknown), and skipped files.
+
+    Image files are made square as ``fit`` says (:func:`fer_core.importer.to_square`), and the frame gets
+    their ``original_size`` ("WxH"); a canonical dataset's pixels are used as they are.
+    """
     if (data / "manifest.parquet").is_file():
         ds = load_dataset(data)
         if ds.image_size != saved.input_size:
@@ -72,7 +84,7 @@ def load_inputs(data: Path, saved: SavedModel, class_map: dict[str, str]
     pixels, rows, skipped = [], [], []
     for path in files:
         try:
-            pixels.append(decode_image(path, saved.input_size[0]))
+            gray = read_gray(path)
         except BadImage as exc:
             skipped.append({"path": str(path), "reason": exc.args[0], "detail": exc.args[1]})
             logger.warning("skipped %s: %s", path, exc.args[0])
@@ -81,10 +93,15 @@ def load_inputs(data: Path, saved: SavedModel, class_map: dict[str, str]
         folder = class_map.get(path.parent.name, path.parent.name)
         if path.parent == data and folder not in saved.classes:
             folder = None
-        rows.append({"source_path": str(path), "label": folder})
+        pixels.append(to_square(gray, saved.input_size[0], fit))
+        rows.append({"source_path": str(path), "label": folder,
+                     "original_size": f"{gray.width}x{gray.height}"})
     if not pixels:
         raise ValueError(_NO_IMAGES.format(data, len(skipped)))
     frame = pd.DataFrame(rows)
+    square = frame["original_size"].map(lambda s: s.split("x")[0] == s.split("x")[1])
+    if not square.all():
+        logger.warning(_NON_SQUARE, int((~square).sum()), len(frame), fit, *saved.input_size)
     frame["label"] = known_labels(frame["label"], saved, data)
     return np.stack(pixels), frame, skipped
 
@@ -139,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     for folder, name in class_map.items():
         if name not in saved.classes:
             raise ValueError(_BAD_MAP.format(folder, name, list(saved.classes)))
-    pixels, frame, skipped = load_inputs(Path(args.data), saved, class_map)
+    pixels, frame, skipped = load_inputs(Path(args.data), saved, class_map, args.fit)
     preds = predict(saved, pixels, frame)
     metrics = score(saved, preds)
     out = Path(args.out) if args.out else make_run_dir("results", "evaluate")
     out.mkdir(parents=True, exist_ok=True)
     write_table(preds, out / "predictions.parquet", model=str(args.model))
-    report = {"model": str(args.model), "data": str(args.data), "n_images": len(preds),
+    report = {"model": str(args.model), "data": str(args.data), "fit": args.fit, "n_images": len(preds),
               "skipped": skipped, "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     cols = ["source_path", "label", "y_pred", "confidence"]

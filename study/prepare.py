@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fer_core.config import parse_overrides
 from fer_core.data import FaceDataset, save_dataset
-from fer_core.dataset_spec import DatasetError, DatasetSpec, folder_spec, load_spec
+from fer_core.dataset_spec import IMAGE_FITS, DatasetError, DatasetSpec, folder_spec, load_spec
 from fer_core.importer import import_dataset
 from study.common import run_cli
 
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="output folder of the canonical dataset")
     parser.add_argument("--root", help="dataset root, replacing the spec's `root` (relative to the CWD)")
     parser.add_argument("--size", type=int, help="image height and width in pixels (default: spec, or 48)")
+    parser.add_argument("--fit", choices=IMAGE_FITS,
+                        help="how a non-square image is made square: keep its centred square (crop), pad "
+                             "its short side (pad) or distort it (stretch); default: spec, or crop")
     parser.add_argument("--smoke-test", action="store_true",
                         help="read only a few files per folder (or 64 synthetic faces): a quick check")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -105,6 +108,8 @@ def _with_args(spec: DatasetSpec, args: argparse.Namespace) -> DatasetSpec:
         changes["root"] = args.root
     if args.size is not None:
         changes["image_size"] = args.size
+    if args.fit is not None:
+        changes["image_fit"] = args.fit
     return dataclasses.replace(spec, **changes)
 
 

@@ -143,6 +143,32 @@ def test_evaluate_warns_about_labels_that_are_not_the_models_classes(kfold_run, 
         evaluate.main(["--model", model, "--data", str(folder), "--class-map", "Joyful=Joy"])
 
 
+def test_evaluate_makes_non_square_images_square_as_fit_says(kfold_run, tmp_path, caplog):
+    model = str(kfold_run / "run" / "models" / "fold0.pt")
+    ds = bar_dataset(4, seed=7)
+    side = ds.pixels.shape[1]
+    square, wide = tmp_path / "square" / "Happy", tmp_path / "wide" / "Happy"
+    square.mkdir(parents=True)
+    wide.mkdir(parents=True)
+    noise = np.random.default_rng(0).integers(0, 256, (side, side), dtype=np.uint8)
+    for i, px in enumerate(ds.pixels):
+        Image.fromarray(px).save(square / f"{i}.png")
+        Image.fromarray(np.hstack([noise, px, noise])).save(wide / f"{i}.png")  # the face in the middle
+    assert evaluate.main(["--model", model, "--data", str(square.parent), "--out", str(tmp_path / "a")]) == 0
+    assert "not square" not in caplog.text
+    assert evaluate.main(["--model", model, "--data", str(wide.parent), "--out", str(tmp_path / "b")]) == 0
+    assert "4 of 4 images were not square; each was made square by --fit crop" in caplog.text
+    a, b = (pd.read_parquet(tmp_path / d / "predictions.parquet") for d in "ab")
+    probs = [c for c in a.columns if c.startswith("p_")]
+    np.testing.assert_allclose(b[probs].to_numpy(), a[probs].to_numpy())  # the centre crop is the face
+    assert set(b["original_size"]) == {f"{3 * side}x{side}"} and set(a["original_size"]) == {f"{side}x{side}"}
+    assert evaluate.main(["--model", model, "--data", str(wide.parent), "--out", str(tmp_path / "c"),
+                          "--fit", "stretch"]) == 0
+    c = pd.read_parquet(tmp_path / "c" / "predictions.parquet")
+    assert not np.allclose(c[probs].to_numpy(), a[probs].to_numpy())
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["fit"] == "stretch"
+
+
 def test_evaluate_on_a_canonical_dataset_with_a_class_the_model_lacks(kfold_run, tmp_path, caplog):
     ds = bar_dataset(10, seed=7)
     ds.manifest.loc[:2, "label"] = "Angry"

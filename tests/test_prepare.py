@@ -116,6 +116,49 @@ def test_images_are_resized_and_made_grayscale(tmp_path: Path) -> None:
     assert ds.pixels.shape == (1, 16, 16) and ds.pixels.dtype == np.uint8
 
 
+def _stripes(path: Path) -> None:
+    """A 48 x 16 image: black, white and black thirds side by side."""
+    pixels = np.zeros((16, 48), dtype=np.uint8)
+    pixels[:, 16:32] = 255
+    Image.fromarray(pixels).save(path)
+
+
+def test_non_square_images_are_centre_cropped_padded_or_stretched(tmp_path: Path) -> None:
+    _stripes(tmp_path / "wide.png")
+    crop = importer.decode_image(tmp_path / "wide.png", 16)
+    assert (crop == 255).all()  # the centred 16 x 16 square is the white third
+    stretch = importer.decode_image(tmp_path / "wide.png", 16, fit="stretch").astype(int)
+    assert stretch[:, 0].max() == 0 and stretch[:, 8].min() == 255  # every row squeezed: black-white-black
+    pad = importer.decode_image(tmp_path / "wide.png", 16, fit="pad").astype(int)
+    assert pad[:5].max() == 0 and pad[-5:].max() == 0  # bands of the median border value (black)
+    np.testing.assert_array_equal(pad[6:10], stretch[6:10])  # the whole image, squeezed into the middle
+    square = draw(tmp_path / "square.png", seed=3, size=16)
+    for fit in dataset_spec.IMAGE_FITS:  # a square image is only resized, the same way by each
+        np.testing.assert_array_equal(importer.decode_image(tmp_path / "square.png", 16, fit), square)
+    with pytest.raises(ValueError, match="image fit must be one of"):
+        importer.decode_image(tmp_path / "wide.png", 16, fit="squash")
+
+
+def test_prepare_counts_non_square_images_and_takes_the_fit(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    draw(root / "Happy" / "h0.png", seed=0)
+    (root / "Sad").mkdir()
+    _stripes(root / "Sad" / "wide.png")
+    rc, report = prepare(root, tmp_path / "out", "--size", "16")
+    assert rc == 0 and report["counts"]["non_square"] == {"base": 1}
+    assert report["spec"]["image_fit"] == "crop"
+    assert any(n.startswith("non-square images: 1; each kept its centred square") for n in report["notes"])
+    ds = load_dataset(tmp_path / "out")
+    assert (ds.pixels[(ds.manifest["label"] == "Sad").to_numpy()] == 255).all()
+    rc, report = prepare(root, tmp_path / "out2", "--size", "16", "--fit", "stretch")
+    assert rc == 0 and report["spec"]["image_fit"] == "stretch"
+    ds = load_dataset(tmp_path / "out2")
+    assert ds.pixels[(ds.manifest["label"] == "Sad").to_numpy()][0, :, 0].max() == 0
+    spec = write_spec(tmp_path, 'classes_dir = "."\nimage_fit = "squash"\n')
+    with pytest.raises(dataset_spec.DatasetError, match="key 'image_fit' must be one of .*got 'squash'"):
+        dataset_spec.load_spec(spec)
+
+
 def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
     face = np.random.default_rng(4).integers(0, 256, size=(16, 16), dtype=np.uint8)
     Image.fromarray(face.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit PNG, 0-65535
