@@ -25,6 +25,8 @@ FORMAT = "fer-bias-study/model-v1"
 _UNSAFE = ("{0}: refused to load: the file holds Python objects beyond tensors and plain values, which "
            "torch.load(weights_only=True) does not run ({1}); it was not written by this tool")
 _NO_FILE = "{0}: no such model file; give a .pt file saved by study.kfold, study.tune or study.bias_sweep"
+_INIT_ARCH = ("{0}: holds a {1!r} model of width {2}, but training asks for {3!r} of width {4}; weights "
+              "transfer only between the same architecture and width (set arch and width to match)")
 _NOT_A_MODEL = "{0}: not a fer-bias-study model file (format {1!r}); save one with study.kfold or study.tune"
 
 
@@ -84,3 +86,24 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> S
     model.to(device).eval()
     return SavedModel(model, payload["arch"], tuple(payload["classes"]), tuple(payload["input_size"]),
                       payload["mean"], payload["std"], config)
+
+
+def load_weights_into(model: nn.Module, path: str | os.PathLike, *, arch: str, width: float) -> list[str]:
+    """Copy a saved model's weights into ``model`` (fine-tuning); return the names left as they were.
+
+    Every tensor whose name and shape agree is copied, so a model saved with other classes gives all but
+    its classifier (which stays freshly initialised). The file is loaded as :func:`load_model` does.
+
+    Raises
+    ------
+    ValueError
+        When the file holds another architecture or width.
+    """
+    saved = load_model(path)
+    saved_width = float(saved.config.get("width", 1.0))
+    if saved.arch != arch or saved_width != float(width):
+        raise ValueError(_INIT_ARCH.format(path, saved.arch, saved_width, arch, float(width)))
+    target = model.state_dict()
+    same = {k: v for k, v in saved.model.state_dict().items() if k in target and target[k].shape == v.shape}
+    model.load_state_dict(same, strict=False)
+    return sorted(set(target) - set(same))

@@ -66,9 +66,15 @@ class TrainConfig:
     adv_weight: float = 1.0
     device: str = "auto"
     amp: bool = True
+    init: str = ""
 
     def __post_init__(self) -> None:
         where = "TrainConfig"
+        if self.init:  # made absolute here, in the driver: Ray trials run in other working directories
+            path = Path(self.init).expanduser()
+            _check(where, "init", self.init, path.is_file(),
+                   "a model file saved by study.kfold or study.tune (or \"\" for fresh weights)")
+            object.__setattr__(self, "init", str(path.resolve()))
         _choice(where, "optimizer", self.optimizer, OPTIMIZERS)
         _choice(where, "schedule", self.schedule, SCHEDULES)
         _choice(where, "mitigation", self.mitigation, MITIGATIONS)
@@ -245,7 +251,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # Training keys added after results were first written, with their defaults. While a key is at its
 # default it is left out of the hash, so results written before it existed still match their
 # configuration (a resumed study or sweep keeps them instead of training them again).
-LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0}
+LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0, "init": ""}
 
 
 def config_hash(cfg: Any) -> str:

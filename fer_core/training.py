@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from fer_core.checkpoint import load_weights_into
 from fer_core.config import TrainConfig
 from fer_core.fairness import accuracy_gap
 from fer_core.metrics import macro_f1
@@ -228,6 +229,9 @@ class Trainer:
         self._setup_mitigation(np.asarray(train_labels), train_groups)
         self.model = create_model(cfg.arch, num_classes=num_classes * self.n_heads, dropout=cfg.dropout,
                                   width=cfg.width)
+        if cfg.init:
+            fresh = load_weights_into(self.model, cfg.init, arch=cfg.arch, width=cfg.width)
+            logger.info("weights from %s%s", cfg.init, f"; left fresh: {fresh}" if fresh else "")
         if self.head_index is not None:
             self.model = GroupHeads(self.model, num_classes, self.n_heads, self.head_cells)
         if self.critic_index is not None:

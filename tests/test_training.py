@@ -354,3 +354,39 @@ def test_adversary_learns_and_returns_the_plain_architecture_without_its_critic(
     with pytest.raises(ValueError, match="at least two known 'gender' groups"):
         Trainer(TrainConfig(mitigation="adversary"), x, tr.y.numpy(), x[:4], tr.y[:4].numpy(), 4,
                 np.where(g == "F", "F", "unknown"))
+
+
+def test_init_starts_from_a_saved_models_weights_and_keeps_a_fresh_head_for_other_classes(tmp_path, caplog):
+    from fer_core.checkpoint import save_model
+
+    x, y = bar_images(48)
+    trained = fit(TrainConfig(**FAST), x, y, x[:16], y[:16], 4).model
+    path = save_model(tmp_path / "m.pt", trained, arch="main", classes=("a", "b", "c", "d"),
+                      input_size=(48, 48), mean=0.5, std=0.2, config={"width": 1.0, "dropout": 0.3})
+    saved = {k: v.clone() for k, v in trained.state_dict().items()}
+    same = Trainer(TrainConfig(**FAST, init=str(path)), x, y, x[:16], y[:16], 4).model.state_dict()
+    assert all(torch.equal(same[k], saved[k]) for k in saved)  # every tensor, the classifier too
+    caplog.set_level("INFO")
+    three = Trainer(TrainConfig(**FAST, init=str(path)), x, y % 3, x[:16], y[:16] % 3, 3).model.state_dict()
+    fresh = [k for k in three if three[k].shape != saved[k].shape]
+    assert fresh and all(k.startswith(fresh[0].rsplit(".", 1)[0]) for k in fresh)  # only the last layer
+    assert all(torch.equal(three[k], saved[k]) for k in saved if k not in fresh)
+    assert f"left fresh: {sorted(fresh)}" in caplog.text
+    scratch = Trainer(TrainConfig(**FAST), x, y, x[:16], y[:16], 4).model.state_dict()
+    assert not all(torch.equal(scratch[k], saved[k]) for k in saved if saved[k].is_floating_point())
+
+
+def test_init_names_a_missing_file_and_refuses_another_architecture(tmp_path, monkeypatch):
+    from fer_core.checkpoint import save_model
+
+    with pytest.raises(ValueError, match="key 'init' must be a model file saved by study.kfold.*nope.pt"):
+        TrainConfig(init="nope.pt")
+    path = save_model(tmp_path / "v1.pt", create_model("variant1"), arch="variant1",
+                      classes=("a", "b", "c", "d"), input_size=(48, 48), mean=0.5, std=0.2, config={})
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(init="v1.pt")
+    assert cfg.init == str(path.resolve())  # absolute, so a trial in another working directory finds it
+    x, y = bar_images(32)
+    with pytest.raises(ValueError, match="holds a 'variant1' model of width 1.0, but training asks for 'main'"
+                       ):
+        Trainer(cfg, x, y, x[:8], y[:8], 4)
