@@ -81,7 +81,7 @@ def load_inputs(data: Path, saved: SavedModel, class_map: dict[str, str], fit: s
     if not data.exists():
         raise FileNotFoundError(_NOT_FOUND.format(data))
     files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.is_file())
-    pixels, rows, skipped = [], [], []
+    pixels, rows, skipped, non_square = [], [], [], 0
     for path in files:
         try:
             gray = read_gray(path)
@@ -94,14 +94,14 @@ def load_inputs(data: Path, saved: SavedModel, class_map: dict[str, str], fit: s
         if path.parent == data and folder not in saved.classes:
             folder = None
         pixels.append(to_square(gray, saved.input_size[0], fit))
+        non_square += gray.width != gray.height
         rows.append({"source_path": str(path), "label": folder,
                      "original_size": f"{gray.width}x{gray.height}"})
     if not pixels:
         raise ValueError(_NO_IMAGES.format(data, len(skipped)))
     frame = pd.DataFrame(rows)
-    square = frame["original_size"].map(lambda s: s.split("x")[0] == s.split("x")[1])
-    if not square.all():
-        logger.warning(_NON_SQUARE, int((~square).sum()), len(frame), fit, *saved.input_size)
+    if non_square:
+        logger.warning(_NON_SQUARE, non_square, len(frame), fit, *saved.input_size)
     frame["label"] = known_labels(frame["label"], saved, data)
     return np.stack(pixels), frame, skipped
 
