@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,10 +101,34 @@ def load_weights_into(model: nn.Module, path: str | os.PathLike, *, arch: str, w
         When the file holds another architecture or width.
     """
     saved = load_model(path)
-    saved_width = float(saved.config.get("width", 1.0))
-    if saved.arch != arch or saved_width != float(width):
-        raise ValueError(_INIT_ARCH.format(path, saved.arch, saved_width, arch, float(width)))
+    _check_arch(path, saved.arch, float(saved.config.get("width", 1.0)), [arch], [width])
     target = model.state_dict()
     same = {k: v for k, v in saved.model.state_dict().items() if k in target and target[k].shape == v.shape}
     model.load_state_dict(same, strict=False)
     return sorted(set(target) - set(same))
+
+
+def check_init(path: str, archs: Iterable[str], widths: Iterable[float], where: str = "") -> None:
+    """Refuse, before anything is trained, an ``init`` model that some planned run could not start from.
+
+    ``archs`` and ``widths`` are every architecture and width the command will train (a search's choices,
+    a sweep's architectures); nothing is checked when ``path`` is empty. Raises ``ValueError`` as
+    :func:`load_weights_into` would, prefixed with ``where`` (the key that asks for the mismatch).
+    """
+    if not path:
+        return
+    saved = load_model(path)
+    try:
+        _check_arch(path, saved.arch, float(saved.config.get("width", 1.0)), archs, widths)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def _check_arch(path: str | os.PathLike, arch: str, width: float, archs: Iterable[str],
+                widths: Iterable[float]) -> None:
+    """``ValueError`` naming the first architecture or width in the lists that is not the saved one."""
+    widths = [float(w) for w in widths]
+    for want_arch in archs:
+        for want_width in widths:
+            if (want_arch, want_width) != (arch, width):
+                raise ValueError(_INIT_ARCH.format(path, arch, width, want_arch, want_width))

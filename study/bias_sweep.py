@@ -39,7 +39,7 @@ import torch
 
 from fer_core import __version__
 from fer_core.bias import BiasSpec, apply_bias, bias_rng, bias_summary, check_spec
-from fer_core.checkpoint import save_model
+from fer_core.checkpoint import check_init, save_model
 from fer_core.config import config_hash, load_toml, to_dict
 from fer_core.crossval import train_on_split
 from fer_core.data import BASE_SUBSET, FaceDataset
@@ -373,7 +373,10 @@ def prepare(args: argparse.Namespace, argv: list[str] | None
             ) -> tuple[SweepExperiment, Path, FaceDataset, list[RunSpec]]:
     """Config, results folder, dataset (extras kept) and run grid, all checked before training."""
     exp, out = resolve(args)
-    grid = run_grid(exp, recipes(exp))
+    base = recipes(exp)
+    for arch, train in base.items():
+        check_init(train.init, [train.arch], [train.width], f"init of the {arch} recipe")
+    grid = run_grid(exp, base)
     ds = load_data(exp.data.path, exp.data.synthetic)
     validate(exp, ds)
     (out / "runs").mkdir(parents=True, exist_ok=True)

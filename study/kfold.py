@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fer_core.checkpoint import save_model
+from fer_core.checkpoint import check_init, save_model
 from fer_core.config import SplitConfig, TrainConfig, from_dict, load_toml, parse_overrides, to_dict
 from fer_core.crossval import run_kfold
 from fer_core.models import list_models
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_data(data, synthetic).base()
     # a class too small for k is refused here, before any output folder is made
     kfold_splits(ds.labels, ds.manifest["image_id"].to_numpy(), split.k, split.split_seed, ds.classes)
+    check_init(train.init, [train.arch], [train.width], "init")  # so is a starting model of another arch
     out = Path(args.out) if args.out else make_run_dir("results", f"kfold-{train.arch}")
     out.mkdir(parents=True, exist_ok=True)
     used = {"path": data, "synthetic": synthetic} if data == SYNTHETIC and synthetic else {"path": data}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import ray
 
+from fer_core.checkpoint import check_init
 from fer_core.config import to_dict
 from study.common import load_data, record_run, run_cli, setup_logging
 from study.experiment import ExperimentConfig, load_experiment
@@ -69,11 +70,30 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
     return exp, out
 
 
+def check_init_fits(exp: ExperimentConfig) -> None:
+    """Refuse a ``train.init`` model that some trial of the search space could not start from."""
+    space = exp.search.space
+    if "init" in space:
+        raise ValueError("search.space.init: the starting model is not searchable; set train.init to one "
+                         "model file (or leave it empty), and compare with and without it by study.kfold")
+    if not exp.train.init:
+        return
+    archs = space.get("arch", [exp.train.arch])
+    widths = space.get("width", [exp.train.width])
+    if isinstance(widths, dict):
+        widths = [widths["low"], widths["high"]]
+    searched = [k for k in ("arch", "width") if k in space]
+    where = "train.init" + (f" with search.space.{' and '.join(searched)} {[space[k] for k in searched]}"
+                            if searched else "")
+    check_init(exp.train.init, archs, widths, where)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) a study and write its tables, best config and refit model."""
     args = parse_args(argv)
     setup_logging(args.verbose)
     exp, out = resolve(args)
+    check_init_fits(exp)
     data = load_data(exp.data.path, exp.data.synthetic).base()
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:

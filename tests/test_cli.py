@@ -46,3 +46,27 @@ def test_resume_refuses_a_folder_that_is_not_a_sweep(tmp_path):
     (tmp_path / "config.toml").write_text('[data]\npath = "synthetic"\n\n[train]\nepochs = 2\n')
     with pytest.raises(ValueError, match="no \\[sweep\\] table, so it was not written by study.bias_sweep"):
         bias_sweep.resolve(bias_sweep.parse_args(["--resume", str(tmp_path)]))
+
+
+def test_a_starting_model_of_another_architecture_is_refused_before_any_folder_is_made(tmp_path):
+    from fer_core.checkpoint import save_model
+    from fer_core.models import create_model
+    from study import kfold, tune
+
+    path = save_model(tmp_path / "main.pt", create_model("main"), arch="main", classes=("a", "b", "c", "d"),
+                      input_size=(48, 48), mean=0.5, std=0.2, config={"width": 1.0})
+    out = tmp_path / "results"
+    with pytest.raises(ValueError, match="init: .*main.pt: holds a 'main' model of width 1.0, but training "
+                                         "asks for 'variant1'"):
+        kfold.main(["--smoke-test", "--arch", "variant1", "--out", str(out / "kfold"), f"init={path}"])
+    # the default search space tries all three architectures: variant1 and variant2 could not start
+    with pytest.raises(ValueError, match="train.init with search.space.arch .*'variant1'"):
+        tune.main(["--smoke-test", f"results_dir={out}", f"train.init={path}"])
+    with pytest.raises(ValueError, match="search.space.init: the starting model is not searchable"):
+        tune.main(["--smoke-test", f"results_dir={out}", f'search.space.init=["", "{path}"]'])
+    with pytest.raises(ValueError, match="init of the variant2 recipe: .*asks for 'variant2'"):
+        bias_sweep.main(["--smoke-test", f"results_dir={out}", 'sweep.archs=["main", "variant2"]',
+                         f"train.init={path}"])
+    assert not out.exists()
+    # one architecture, the saved one: the search is accepted (checked without running it)
+    tune.check_init_fits(tune.load_experiment(None, [f"train.init={path}", 'search.space.arch=["main"]']))
