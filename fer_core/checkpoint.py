@@ -82,7 +82,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> S
         raise ValueError(_NOT_A_MODEL.format(path, fmt))
     config = payload["config"]
     model = create_model(payload["arch"], num_classes=len(payload["classes"]),
-                         dropout=float(config.get("dropout", 0.0)), width=float(config.get("width", 1.0)))
+                         dropout=float(config.get("dropout", 0.0)), width=float(config.get("width", 1.0)),
+                         stem_pool=bool(config.get("stem_pool", True)))
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
     return SavedModel(model, payload["arch"], tuple(payload["classes"]), tuple(payload["input_size"]),

@@ -44,6 +44,7 @@ class TrainConfig:
 
     arch: str = "main"
     width: float = 1.0
+    stem_pool: bool = True
     epochs: int = 40
     batch_size: int = 64
     lr: float = 3e-3
@@ -251,7 +252,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # Training keys added after results were first written, with their defaults. While a key is at its
 # default it is left out of the hash, so results written before it existed still match their
 # configuration (a resumed study or sweep keeps them instead of training them again).
-LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0, "init": ""}
+LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0, "init": "",
+                    "stem_pool": True}
 
 
 def config_hash(cfg: Any) -> str:

@@ -1,7 +1,8 @@
 """Model registry: three CNN architectures for 48x48 single-channel faces, on shared building blocks.
 
-``create_model(name, num_classes=4, in_chans=1, width=1.0)`` builds a registered architecture (``width``
-scales every layer's channels, keeping the architecture's shape); ``list_models()`` names them. Every
+``create_model(name, num_classes=4, in_chans=1, width=1.0, stem_pool=True)`` builds a registered architecture
+(``width`` scales every layer's channels, keeping the architecture's shape; ``stem_pool=False`` runs the
+stages at the input's full resolution); ``list_models()`` names them. Every
 model ends in global average pooling, so it accepts any input size, and has no dense layer sized by the
 image (the old scripts' 160,000-input dense layer on upscaled images is gone).
 
@@ -43,17 +44,19 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, *, num_classes: int = 4, in_chans: int = 1, dropout: float = 0.3,
-                 width: float = 1.0) -> nn.Module:
+                 width: float = 1.0, stem_pool: bool = True) -> nn.Module:
     """Build the architecture ``name``; raises ``KeyError`` naming the known ones for an unknown name.
 
     ``width`` multiplies the channels of every convolution (rounded, at least 8): the same architecture,
-    wider or narrower.
+    wider or narrower. ``stem_pool=False`` drops the 2x2 pooling after the stem: the same weights, every
+    stage at twice the resolution, four times the FLOPs.
     """
     if name not in _MODELS:
         raise KeyError(_UNKNOWN_MODEL.format(name, list_models()))
     if width <= 0:
         raise ValueError(f"model width multiplier must be > 0, got {width!r}")
-    return _MODELS[name](num_classes=num_classes, in_chans=in_chans, dropout=dropout, width=width)
+    return _MODELS[name](num_classes=num_classes, in_chans=in_chans, dropout=dropout, width=width,
+                         stem_pool=stem_pool)
 
 
 def conv_bn(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
@@ -85,20 +88,24 @@ class ConvNet(nn.Module):
     kernel
         Kernel size inside the stages.
     stem_kernel, stem_width
-        Kernel and output channels of the first convolution, which is followed by 2x2 max pooling.
+        Kernel and output channels of the first convolution.
     width
         Multiplier applied to ``widths`` and ``stem_width``.
+    stem_pool
+        2x2 max pooling after the stem (else an identity, so the parameter names stay the same).
     """
 
     def __init__(self, widths: list[int], depth: int, kernel: int, stem_kernel: int, stem_width: int,
-                 num_classes: int, in_chans: int, dropout: float, width: float = 1.0) -> None:
+                 num_classes: int, in_chans: int, dropout: float, width: float = 1.0, stem_pool: bool = True
+                 ) -> None:
         super().__init__()
         self.num_classes = num_classes
         widths = [_scaled(w, width) for w in widths]
         stem_width = _scaled(stem_width, width)
-        # 48x48 -> 24x24 right after the stem: full-resolution stages cost most of the FLOPs and add
-        # little for faces this small.
-        self.stem = nn.Sequential(conv_bn(in_chans, stem_width, stem_kernel), nn.MaxPool2d(2))
+        # 48x48 -> 24x24 right after the stem by default: full-resolution stages cost 4x the FLOPs and
+        # were not measurably better on fer4 (README, "Recipe probes").
+        self.stem = nn.Sequential(conv_bn(in_chans, stem_width, stem_kernel),
+                                  nn.MaxPool2d(2) if stem_pool else nn.Identity())
         cins = [stem_width, *widths[:-1]]
         stages = [stage(ci, co, depth, kernel) for ci, co in zip(cins, widths, strict=True)]
         self.stages = nn.Sequential(*stages)

@@ -228,7 +228,7 @@ class Trainer:
         self.val_groups = val_groups
         self._setup_mitigation(np.asarray(train_labels), train_groups)
         self.model = create_model(cfg.arch, num_classes=num_classes * self.n_heads, dropout=cfg.dropout,
-                                  width=cfg.width)
+                                  width=cfg.width, stem_pool=cfg.stem_pool)
         if cfg.init:
             fresh = load_weights_into(self.model, cfg.init, arch=cfg.arch, width=cfg.width)
             logger.info("weights from %s%s", cfg.init, f"; left fresh: {fresh}" if fresh else "")

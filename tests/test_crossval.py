@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 import fer_core.crossval as crossval
@@ -59,9 +60,10 @@ def test_saved_model_round_trip_weights_only(tmp_path):
     assert saved.input_size == (48, 48) and saved.mean == res.mean
 
 
-def test_saved_model_keeps_its_width(tmp_path):
+@pytest.mark.parametrize("shape", [{"width": 1.5}, {"stem_pool": False}])
+def test_saved_model_keeps_its_width_and_stem_pooling(tmp_path, shape):
     ds = bar_dataset(40)
-    cfg = TrainConfig(epochs=1, batch_size=16, width=1.5)
+    cfg = TrainConfig(epochs=1, batch_size=16, **shape)
     _, _, runs = crossval.run_kfold(cfg, SplitConfig(k=2), ds)
     res = runs[0].result
     path = save_model(tmp_path / "m.pt", res.model, arch="main", classes=ds.classes, input_size=(48, 48),

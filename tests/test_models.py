@@ -60,6 +60,22 @@ def test_width_scales_every_convolution(name):
 
 
 @pytest.mark.parametrize("name", list_models())
+def test_without_stem_pooling_the_same_weights_see_every_stage_at_twice_the_resolution(name):
+    pooled, full = create_model(name), create_model(name, stem_pool=False)
+    def shapes(model):
+        return {k: v.shape for k, v in model.state_dict().items()}
+
+    assert shapes(pooled) == shapes(full)
+    sizes = []
+    for model in (pooled, full):
+        model.stages[0].register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[-2:]))
+        assert model(torch.zeros(2, 1, 48, 48)).shape == (2, 4)
+    assert sizes == [(24, 24), (48, 48)]
+    full.load_state_dict(pooled.state_dict())  # the same parameters, so a checkpoint moves between them
+    assert count_flops(full) > 3 * count_flops(pooled)
+
+
+@pytest.mark.parametrize("name", list_models())
 def test_group_heads_predict_the_sum_of_the_groups_classifiers_and_collapse_to_the_plain_model(name):
     torch.manual_seed(0)
     heads = GroupHeads(create_model(name, num_classes=4 * 3), num_classes=4, n_groups=3).eval()
