@@ -50,7 +50,7 @@ def run_features(model_path: Path, run_path: Path, pixels_by_id: dict[str, np.nd
     if not hasattr(saved.model, "features"):
         raise SystemExit(f"{model_path}: architecture {saved.arch!r} has no features() to probe")
     x = to_tensor(np.stack([pixels_by_id[i] for i in rows["image_id"]]), saved.mean, saved.std,
-                  torch.device("cpu"))
+                  torch.device("cpu"), saved.input_norm)
     with torch.no_grad():
         feats = saved.model.eval().features(x).numpy()
     return rows.assign(features=list(feats))

@@ -43,6 +43,11 @@ class SavedModel:
     std: float
     config: dict
 
+    @property
+    def input_norm(self) -> str:
+        """How pixels were scaled before ``mean`` and ``std`` (training key ``input_norm``)."""
+        return str(self.config.get("input_norm", "dataset"))
+
 
 def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, classes: tuple[str, ...],
                input_size: tuple[int, int], mean: float, std: float, config: dict | None = None) -> Path:

@@ -31,6 +31,7 @@ _BAD_RANGE = "{where}: key {key!r} must be {cond}, got {got!r}"
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
+INPUT_NORMS = ("dataset", "equalize", "image")
 MITIGATIONS = ("none", "resample", "reweight", "groupdro", "groupheads", "adversary")
 
 
@@ -45,6 +46,7 @@ class TrainConfig:
     arch: str = "main"
     width: float = 1.0
     stem_pool: bool = True
+    input_norm: str = "dataset"
     epochs: int = 40
     batch_size: int = 64
     lr: float = 3e-3
@@ -79,6 +81,7 @@ class TrainConfig:
         _choice(where, "optimizer", self.optimizer, OPTIMIZERS)
         _choice(where, "schedule", self.schedule, SCHEDULES)
         _choice(where, "mitigation", self.mitigation, MITIGATIONS)
+        _choice(where, "input_norm", self.input_norm, INPUT_NORMS)
         _check(where, "width", self.width, math.isfinite(self.width) and self.width > 0, "finite and > 0")
         _check(where, "epochs", self.epochs, self.epochs >= 1, ">= 1")
         _check(where, "batch_size", self.batch_size, self.batch_size >= 2, ">= 2")
@@ -253,7 +256,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # default it is left out of the hash, so results written before it existed still match their
 # configuration (a resumed study or sweep keeps them instead of training them again).
 LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0, "init": "",
-                    "stem_pool": True}
+                    "stem_pool": True, "input_norm": "dataset"}
 
 
 def config_hash(cfg: Any) -> str:

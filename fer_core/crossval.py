@@ -75,7 +75,7 @@ def train_on_split(cfg: TrainConfig, ds: FaceDataset, train_idx: np.ndarray, tes
 def score_fold(ds: FaceDataset, test_idx: np.ndarray, result: FitResult, fold: int) -> FoldRun:
     """Test metrics and the per-image prediction table of a fitted model."""
     device = next(result.model.parameters()).device
-    x_test = to_tensor(ds.pixels[test_idx], result.mean, result.std, device)
+    x_test = to_tensor(ds.pixels[test_idx], result.mean, result.std, device, result.input_norm)
     y_test = ds.labels[test_idx]
     probs = evaluate(result.model, x_test, y_test, len(ds.classes))["probs"]
     y_pred = probs.argmax(1)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
+from torchvision.transforms.v2 import functional as TF
 
 from fer_core.checkpoint import load_weights_into
 from fer_core.config import TrainConfig
@@ -64,11 +65,43 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def to_tensor(pixels: np.ndarray, mean: float, std: float, device: torch.device) -> torch.Tensor:
-    """uint8 (N, H, W) -> normalised float (N, 1, H, W) on ``device``."""
+def unit_pixels(x: torch.Tensor, input_norm: str = "dataset") -> torch.Tensor:
+    """uint8 images (N, H, W) -> float (N, H, W), before the training set's mean and std are taken out.
+
+    ``input_norm`` (a training key): ``"dataset"`` divides by 255; ``"equalize"`` first equalises each
+    image's histogram (torchvision), so every face spans the grey range whatever its lighting;
+    ``"image"`` standardises each image to its own mean 0 and standard deviation 1 (a flat image gives 0).
+    """
+    if input_norm == "equalize":
+        x = TF.equalize(x.unsqueeze(1)).squeeze(1)
+    x = x.float() / 255.0
+    if input_norm == "image":
+        mean, std = x.mean(dim=(1, 2), keepdim=True), x.std(dim=(1, 2), keepdim=True, correction=0)
+        x = (x - mean) / std.clamp_min(1 / 255)
+    return x
+
+
+def _uint8_tensor(pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     # copy: the source may be a read-only memory map or a zero-copy view from Ray's object store
-    x = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).to(device)
-    return ((x.float() / 255.0 - mean) / std).unsqueeze(1)
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).to(device)
+
+
+def input_stats(pixels: np.ndarray, input_norm: str = "dataset") -> tuple[float, float]:
+    """Mean and standard deviation of the training images after :func:`unit_pixels` (std 0 -> 1)."""
+    if input_norm == "dataset":
+        pixels = np.asarray(pixels)
+        mean, std = float(pixels.mean() / 255.0), float(pixels.std() / 255.0)
+    else:
+        x = unit_pixels(_uint8_tensor(pixels), input_norm).double()
+        mean, std = float(x.mean()), float(x.std(correction=0))
+    return mean, std or 1.0
+
+
+def to_tensor(pixels: np.ndarray, mean: float, std: float, device: torch.device,
+              input_norm: str = "dataset") -> torch.Tensor:
+    """uint8 (N, H, W) -> normalised float (N, 1, H, W) on ``device`` (see :func:`unit_pixels`)."""
+    x = unit_pixels(_uint8_tensor(pixels, device), input_norm)
+    return ((x - mean) / std).unsqueeze(1)
 
 
 def augment(x: torch.Tensor, strength: float, gen: torch.Generator, erase: float = 0.0) -> torch.Tensor:
@@ -160,6 +193,7 @@ class FitResult:
     std: float
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    input_norm: str = "dataset"
 
 
 def group_cells(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
@@ -218,12 +252,10 @@ class Trainer:
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        pixels = np.asarray(train_pixels)
-        self.mean = float(pixels.mean() / 255.0)
-        self.std = float(pixels.std() / 255.0) or 1.0
-        self.x = to_tensor(pixels, self.mean, self.std, self.device)
+        self.mean, self.std = input_stats(train_pixels, cfg.input_norm)
+        self.x = to_tensor(train_pixels, self.mean, self.std, self.device, cfg.input_norm)
         self.y = torch.as_tensor(train_labels, dtype=torch.long, device=self.device)
-        self.x_val = to_tensor(val_pixels, self.mean, self.std, self.device)
+        self.x_val = to_tensor(val_pixels, self.mean, self.std, self.device, cfg.input_norm)
         self.y_val = np.asarray(val_labels)
         self.val_groups = val_groups
         self._setup_mitigation(np.asarray(train_labels), train_groups)
@@ -368,7 +400,7 @@ class Trainer:
         self.model.load_state_dict(self.best_state)
         model = self.model.collapse() if isinstance(self.model, (GroupHeads, Adversary)) else self.model
         model.eval()
-        return FitResult(model, self.mean, self.std, self.best_epoch, self.history)
+        return FitResult(model, self.mean, self.std, self.best_epoch, self.history, self.cfg.input_norm)
 
     def epoch_order(self) -> torch.Tensor:
         """Example indices for one epoch: a permutation, or a balanced draw when resampling."""

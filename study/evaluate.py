@@ -119,7 +119,8 @@ def known_labels(labels: pd.Series, saved: SavedModel, data: Path) -> pd.Series:
 def predict(saved: SavedModel, pixels: np.ndarray, frame: pd.DataFrame) -> pd.DataFrame:
     """Add ``y_pred``, ``confidence`` and ``p_<class>`` columns to ``frame``."""
     device = next(saved.model.parameters()).device
-    probs = predict_proba(saved.model, to_tensor(pixels, saved.mean, saved.std, device))
+    x = to_tensor(pixels, saved.mean, saved.std, device, saved.input_norm)
+    probs = predict_proba(saved.model, x)
     out = frame.copy()
     out["y_pred"] = np.asarray(saved.classes)[probs.argmax(1)]
     out["confidence"] = probs.max(1)

@@ -59,12 +59,13 @@ def test_keys_added_later_leave_old_hashes_alone_until_used():
     assert config_hash({"train": to_dict(TrainConfig()), "split": to_dict(SplitConfig())}) == "404fbee76716"
     assert config_hash(TrainConfig(width=2.0)) != config_hash(TrainConfig())
     assert config_hash(TrainConfig(mixup=0.2)) != config_hash(TrainConfig())
-    changes = ({}, {"erase": 0.5}, {"ema": 0.99}, {"adv_weight": 0.5}, {"init": __file__})
+    changes = ({}, {"erase": 0.5}, {"ema": 0.99}, {"adv_weight": 0.5}, {"init": __file__},
+               {"stem_pool": False}, {"input_norm": "equalize"}, {"input_norm": "image"})
     hashes = {config_hash(TrainConfig(**kw)) for kw in changes}
-    assert len(hashes) == 5
+    assert len(hashes) == len(changes)
     for bad in ({"width": float("inf")}, {"width": 0.0}, {"mixup": float("nan")}, {"mixup": -1.0},
                 {"erase": 1.5}, {"erase": float("nan")}, {"ema": 1.0}, {"ema": -0.1},
-                {"adv_weight": -1.0}, {"adv_weight": float("inf")}):
+                {"adv_weight": -1.0}, {"adv_weight": float("inf")}, {"input_norm": "per_image"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)
 

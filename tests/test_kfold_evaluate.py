@@ -193,3 +193,18 @@ def test_kfold_names_a_class_too_small_for_k_before_writing_anything(tmp_path):
     with pytest.raises(ValueError, match=r"class '\w+' has \d images, fewer than k=10 folds"):
         kfold.main(["--data", str(data), "--out", str(tmp_path / "run"), "k=10"])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("input_norm", ["equalize", "image"])
+def test_a_saved_model_scores_new_images_with_the_input_norm_it_was_trained_with(tmp_path, input_norm):
+    data = save_dataset(bar_dataset(40), tmp_path / "data")
+    run = tmp_path / "run"
+    assert kfold.main(["--data", str(data), "--arch", "main", "--out", str(run), "k=2", "epochs=1",
+                       "batch_size=16", f"input_norm={input_norm}"]) == 0
+    assert tomllib.loads((run / "config.toml").read_text())["train"]["input_norm"] == input_norm
+    assert evaluate.main(["--model", str(run / "models" / "fold0.pt"), "--data", str(data),
+                          "--out", str(tmp_path / "ev"), "--show", "0"]) == 0
+    tested = pd.read_parquet(run / "predictions.parquet").query("fold == 0").set_index("image_id")
+    again = pd.read_parquet(tmp_path / "ev" / "predictions.parquet").set_index("image_id").loc[tested.index]
+    probs = [f"p_{c}" for c in ("Focused", "Happy", "Neutral", "Surprised")]
+    np.testing.assert_allclose(again[probs].to_numpy(), tested[probs].to_numpy(), atol=1e-5)

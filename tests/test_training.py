@@ -1,10 +1,20 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 from fer_core.config import TrainConfig
 from fer_core.models import create_model, reverse_grad
-from fer_core.training import Trainer, augment, balancing_weights, erase_patches, fit, group_cells
+from fer_core.training import (
+    Trainer,
+    augment,
+    balancing_weights,
+    erase_patches,
+    fit,
+    group_cells,
+    input_stats,
+    unit_pixels,
+)
 from tests.helpers import bar_images
 
 FAST = dict(epochs=3, batch_size=16, lr=3e-3, patience=10)
@@ -390,3 +400,36 @@ def test_init_names_a_missing_file_and_refuses_another_architecture(tmp_path, mo
     with pytest.raises(ValueError, match="holds a 'variant1' model of width 1.0, but training asks for 'main'"
                        ):
         Trainer(cfg, x, y, x[:8], y[:8], 4)
+
+
+def test_equalize_spreads_each_images_grey_levels_as_pil_does():
+    x, _ = bar_images(6)
+    x = (x // 4 + 60).astype(np.uint8)  # dim, low-contrast faces: grey levels 60-117
+    got = unit_pixels(torch.from_numpy(x), "equalize").numpy()
+    want = np.stack([np.asarray(ImageOps.equalize(Image.fromarray(img))) for img in x]) / 255.0
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert (got.max(axis=(1, 2)) == 1.0).all() and (got.min(axis=(1, 2)) < 0.1).all()
+
+
+def test_image_norm_standardises_each_image_whatever_its_brightness_and_contrast():
+    x, _ = bar_images(5)
+    x = x // 2 * 2
+    dimmer = x // 2 + 20  # half the contrast, another brightness: the same faces
+    got = unit_pixels(torch.from_numpy(x), "image").double().numpy()
+    np.testing.assert_allclose(got.mean(axis=(1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(got.std(axis=(1, 2)), 1, atol=1e-5)
+    np.testing.assert_allclose(unit_pixels(torch.from_numpy(dimmer), "image").numpy(), got, atol=1e-4)
+    flat = unit_pixels(torch.full((1, 8, 8), 77, dtype=torch.uint8), "image")
+    assert torch.equal(flat, torch.zeros_like(flat))
+
+
+@pytest.mark.parametrize("input_norm", ["dataset", "equalize", "image"])
+def test_trainer_normalises_its_inputs_with_the_training_images_stats(input_norm):
+    x, y = bar_images(40)
+    tr = Trainer(TrainConfig(epochs=1, batch_size=16, input_norm=input_norm), x, y, x[:8], y[:8], 4)
+    assert abs(float(tr.x.mean())) < 1e-4 and float(tr.x.std()) == pytest.approx(1.0, abs=1e-3)
+    if input_norm == "dataset":  # the default keeps the statistics it always had
+        assert (tr.mean, tr.std) == (float(x.mean() / 255.0), float(x.std() / 255.0))
+    assert input_stats(x, input_norm) == (tr.mean, tr.std)
+    tr.step()
+    assert tr.result().input_norm == input_norm
