@@ -105,6 +105,11 @@ def validate_space(space: dict[str, Any], where: str) -> None:
         is_range = isinstance(spec, dict) and {"low", "high"} <= set(spec) <= {"low", "high", "log", "int"}
         if not (isinstance(spec, list) and spec) and not is_range:
             raise ValueError(_BAD_RANGE.format(name, spec, where=where))
+        for choice in spec if isinstance(spec, list) else []:  # a bad choice fails now, not in its trial
+            try:
+                from_dict(TrainConfig, {name: choice}, "TrainConfig")
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{where}: search.space.{name} = {spec!r}: {exc}") from None
 
 
 def load_config(cls: type, path: str | None, overrides: list[str] | None = None,

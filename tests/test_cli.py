@@ -70,3 +70,16 @@ def test_a_starting_model_of_another_architecture_is_refused_before_any_folder_i
     assert not out.exists()
     # one architecture, the saved one: the search is accepted (checked without running it)
     tune.check_init_fits(tune.load_experiment(None, [f"train.init={path}", 'search.space.arch=["main"]']))
+
+
+@pytest.mark.parametrize(("choices", "error"), [
+    ('search.space.input_norm=["dataset", "bogus"]', "search.space.input_norm = \\['dataset', 'bogus'\\]: .*"
+                                                     "must be one of \\['dataset', 'equalize', 'image'\\]"),
+    ('search.space.epochs=[2.5, 3]', "search.space.epochs = \\[2.5, 3\\]: .*'epochs' must be int, got 2.5"),
+])
+def test_a_searched_choice_that_is_not_a_valid_value_is_refused_before_any_trial(tmp_path, choices, error):
+    from study import tune
+
+    with pytest.raises((TypeError, ValueError), match=error):
+        tune.main(["--smoke-test", f"results_dir={tmp_path / 'results'}", choices])
+    assert not (tmp_path / "results").exists()
