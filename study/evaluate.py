@@ -1,4 +1,8 @@
-"""Run a saved model on new data: ``python -m study.evaluate --model FILE --data X``.
+"""Run a saved model on new data: ``python -m study.evaluate --model FILE [FILE ...] --data X``.
+
+With several model files (for example the seeds of one recipe, or its folds' models) each image's class
+probabilities are averaged over them, each model preparing the pixels with its own normalisation: an
+ensemble, which on fer4 scored 1.0-2.5 points of macro-F1 above one model (see the README).
 
 ``X`` is a canonical dataset folder (written by ``study.prepare``), a folder of images (searched
 recursively; an image inside a folder named after one of the model's classes — after ``--class-map``
@@ -40,6 +44,8 @@ _UNMATCHED = ("{0}: {1} images carry labels that are not the model's classes {2}
               "but not scored. Rename them with --class-map LABEL=CLASS (e.g. --class-map {4}=...)")
 _NON_SQUARE = ("%d of %d images were not square; each was made square by --fit %s before resizing to %dx%d "
                "(their sizes are in the table's original_size column)")
+_MISMATCH = ("{0}: its {1} {2} differ from {3}'s {4}; models averaged together need the same classes, "
+             "in the same order, and the same input size")
 _ABSENT = ("classes {0} have no labelled image here: the macro averages count them as 0; macro-F1 over the "
            "{1} classes present: {2:.4f}")
 
@@ -47,7 +53,9 @@ _ABSENT = ("classes {0} have no labelled image here: the macro averages count th
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line interface."""
     p = argparse.ArgumentParser(prog="python -m study.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model file (.pt) saved by study.kfold or study.tune")
+    p.add_argument("--model", required=True, nargs="+", metavar="FILE",
+                   help="model file (.pt) saved by study.kfold, study.tune or study.bias_sweep; with "
+                        "several, their class probabilities are averaged")
     p.add_argument("--data", required=True, help="canonical dataset folder, image folder, or one image")
     p.add_argument("--class-map", nargs="*", default=[], metavar="FOLDER=CLASS",
                    help="rename label folders to the model's class names")
@@ -116,11 +124,24 @@ def known_labels(labels: pd.Series, saved: SavedModel, data: Path) -> pd.Series:
     return labels.where(labels.isin(saved.classes), None)
 
 
-def predict(saved: SavedModel, pixels: np.ndarray, frame: pd.DataFrame) -> pd.DataFrame:
-    """Add ``y_pred``, ``confidence`` and ``p_<class>`` columns to ``frame``."""
-    device = next(saved.model.parameters()).device
-    x = to_tensor(pixels, saved.mean, saved.std, device, saved.input_norm)
-    probs = predict_proba(saved.model, x)
+def load_models(paths: list[str]) -> list[SavedModel]:
+    """Every model file, refusing one whose classes or input size differ from the first's."""
+    models = [load_model(path) for path in paths]
+    for path, saved in zip(paths[1:], models[1:], strict=True):
+        for what in ("classes", "input_size"):
+            if getattr(saved, what) != getattr(models[0], what):
+                raise ValueError(_MISMATCH.format(path, what.replace("_", " "), list(getattr(saved, what)),
+                                                  paths[0], list(getattr(models[0], what))))
+    return models
+
+
+def predict(models: list[SavedModel], pixels: np.ndarray, frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``y_pred``, ``confidence`` and ``p_<class>`` columns to ``frame`` (probabilities averaged)."""
+    probs = np.mean([predict_proba(saved.model, to_tensor(pixels, saved.mean, saved.std,
+                                                          next(saved.model.parameters()).device,
+                                                          saved.input_norm))
+                     for saved in models], axis=0)
+    saved = models[0]
     out = frame.copy()
     out["y_pred"] = np.asarray(saved.classes)[probs.argmax(1)]
     out["confidence"] = probs.max(1)
@@ -149,27 +170,30 @@ def score(saved: SavedModel, preds: pd.DataFrame) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Predict with a saved model and report metrics where labels exist."""
+    """Predict with a saved model (or the average of several) and report metrics where labels exist."""
     args = parse_args(argv)
     setup_logging(args.verbose)
-    saved = load_model(args.model)
+    models = load_models(args.model)
+    saved = models[0]
     class_map = {k: str(v) for k, v in parse_overrides(args.class_map).items()}
     for folder, name in class_map.items():
         if name not in saved.classes:
             raise ValueError(_BAD_MAP.format(folder, name, list(saved.classes)))
     pixels, frame, skipped = load_inputs(Path(args.data), saved, class_map, args.fit)
-    preds = predict(saved, pixels, frame)
+    preds = predict(models, pixels, frame)
     metrics = score(saved, preds)
     out = Path(args.out) if args.out else make_run_dir("results", "evaluate")
     out.mkdir(parents=True, exist_ok=True)
-    write_table(preds, out / "predictions.parquet", model=str(args.model))
-    report = {"model": str(args.model), "data": str(args.data), "fit": args.fit, "n_images": len(preds),
+    model = args.model[0] if len(args.model) == 1 else args.model  # one path, or the ensemble's list
+    write_table(preds, out / "predictions.parquet", model=json.dumps(model) if len(args.model) > 1 else model)
+    report = {"model": model, "data": str(args.data), "fit": args.fit, "n_images": len(preds),
               "skipped": skipped, "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     cols = ["source_path", "label", "y_pred", "confidence"]
     if args.show > 0:  # --show 0: the counts and metrics only
         print(preds[cols].head(args.show).to_string(index=False))
-    print(f"{len(preds)} images predicted, {len(skipped)} files skipped")
+    by = f" by the average of {len(models)} models" if len(models) > 1 else ""
+    print(f"{len(preds)} images predicted{by}, {len(skipped)} files skipped")
     if metrics:
         print(f"on {metrics['n_labelled']} labelled images: accuracy {metrics['accuracy']:.4f}, "
               f"macro-F1 {metrics['macro_f1']:.4f}")

@@ -208,3 +208,30 @@ def test_a_saved_model_scores_new_images_with_the_input_norm_it_was_trained_with
     again = pd.read_parquet(tmp_path / "ev" / "predictions.parquet").set_index("image_id").loc[tested.index]
     probs = [f"p_{c}" for c in ("Focused", "Happy", "Neutral", "Surprised")]
     np.testing.assert_allclose(again[probs].to_numpy(), tested[probs].to_numpy(), atol=1e-5)
+
+
+def test_evaluate_averages_the_probabilities_of_several_models(kfold_run, tmp_path, capsys):
+    from fer_core.checkpoint import load_model, save_model
+
+    models = [str(kfold_run / "run" / "models" / f"fold{f}.pt") for f in (0, 1)]
+    data = ["--data", str(kfold_run / "data"), "--show", "0"]
+    probs = [f"p_{c}" for c in ("Focused", "Happy", "Neutral", "Surprised")]
+    alone = []
+    for i, model in enumerate(models):
+        assert evaluate.main(["--model", model, *data, "--out", str(tmp_path / str(i))]) == 0
+        alone.append(pd.read_parquet(tmp_path / str(i) / "predictions.parquet")[probs].to_numpy())
+    assert evaluate.main(["--model", *models, *data, "--out", str(tmp_path / "both")]) == 0
+    assert "images predicted by the average of 2 models" in capsys.readouterr().out
+    both = pd.read_parquet(tmp_path / "both" / "predictions.parquet")
+    np.testing.assert_allclose(both[probs].to_numpy(), (alone[0] + alone[1]) / 2, atol=1e-6)
+    classes = np.array([p.removeprefix("p_") for p in probs])
+    assert (both["y_pred"].to_numpy() == classes[both[probs].to_numpy().argmax(1)]).all()
+    assert json.loads((tmp_path / "both" / "metrics.json").read_text())["model"] == models
+
+    other = load_model(models[1])  # the same weights, told its classes are others
+    renamed = save_model(tmp_path / "renamed.pt", other.model, arch=other.arch, classes=("a", "b", "c", "d"),
+                         input_size=other.input_size, mean=other.mean, std=other.std, config=other.config)
+    with pytest.raises(ValueError, match="renamed.pt: its classes \\['a', 'b', 'c', 'd'\\] differ from "
+                                         ".*fold0.pt"):
+        evaluate.main(["--model", models[0], str(renamed), *data, "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
