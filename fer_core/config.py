@@ -70,6 +70,8 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     init: str = ""
+    teachers: tuple[str, ...] = ()
+    distill: float = 0.5
 
     def __post_init__(self) -> None:
         where = "TrainConfig"
@@ -78,6 +80,16 @@ class TrainConfig:
             _check(where, "init", self.init, path.is_file(),
                    "a model file saved by study.kfold or study.tune (or \"\" for fresh weights)")
             object.__setattr__(self, "init", str(path.resolve()))
+        resolved = []
+        for teacher in self.teachers:  # absolute, as init is
+            path = Path(teacher).expanduser()
+            _check(where, "teachers", teacher, (path / "predictions.parquet").is_file() and
+                   (path / "models").is_dir(), "a list of study.kfold result folders (each with "
+                   "predictions.parquet and models/)")
+            resolved.append(str(path.resolve()))
+        object.__setattr__(self, "teachers", tuple(resolved))
+        _check(where, "distill", self.distill, 0 <= self.distill <= 1,
+               "in [0, 1] (the teachers' share of each training target)")
         _choice(where, "optimizer", self.optimizer, OPTIMIZERS)
         _choice(where, "schedule", self.schedule, SCHEDULES)
         _choice(where, "mitigation", self.mitigation, MITIGATIONS)
@@ -256,7 +268,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # default it is left out of the hash, so results written before it existed still match their
 # configuration (a resumed study or sweep keeps them instead of training them again).
 LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0, "init": "",
-                    "stem_pool": True, "input_norm": "dataset"}
+                    "stem_pool": True, "input_norm": "dataset", "teachers": [], "distill": 0.5}
 
 
 def config_hash(cfg: Any) -> str:

@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from fer_core import __version__
+from fer_core.checkpoint import load_model
 from fer_core.config import SplitConfig, TrainConfig, config_hash, to_dict
 from fer_core.data import FaceDataset
 from fer_core.metrics import classification_metrics, confusion
 from fer_core.splits import carve_validation, kfold_splits
-from fer_core.training import EpochCallback, FitResult, evaluate, fit, to_tensor
+from fer_core.training import EpochCallback, FitResult, evaluate, fit, predict_proba, to_tensor
 
 logger = logging.getLogger(__name__)
+
+_TEACHER_FOLD = ("teachers: {0}: {1} images differ between its fold {2} test images and this run's ({3}); "
+                 "a teacher must be a study.kfold run on the same data with the same k and split_seed, so "
+                 "that its fold model never saw the test images of the fold it teaches")
+_TEACHER_CLASSES = "teachers: {0}: its classes {1} are not the dataset's {2}"
 
 
 @dataclass
@@ -53,6 +61,48 @@ def split_validation(ds: FaceDataset, train_idx: np.ndarray, cfg: TrainConfig, s
     return train_idx[fit_rel], train_idx[val_rel]
 
 
+def check_teachers(ds: FaceDataset, cfg: TrainConfig, test_folds: list[np.ndarray]) -> None:
+    """Refuse, before anything is trained, a teacher whose folds did not test exactly ``test_folds``."""
+    ids = ds.manifest["image_id"].to_numpy()
+    for folder in map(Path, cfg.teachers):
+        for fold, test_idx in enumerate(test_folds):
+            _check_teacher_fold(folder, fold, set(ids[test_idx]))
+
+
+def _check_teacher_fold(folder: Path, fold: int, want: set[str]) -> None:
+    preds = pd.read_parquet(folder / "predictions.parquet", columns=["fold", "image_id"])
+    tested = set(preds.loc[preds["fold"] == fold, "image_id"])
+    if tested != want:
+        raise ValueError(_TEACHER_FOLD.format(folder, len(tested ^ want), fold, len(want)))
+
+
+def teacher_targets(ds: FaceDataset, cfg: TrainConfig, fold: int | None, test_idx: np.ndarray,
+                    fit_idx: np.ndarray) -> np.ndarray | None:
+    """The teachers' class probabilities for the images to fit, averaged (``None`` without teachers).
+
+    Each teacher is a ``study.kfold`` result folder; its ``models/fold<fold>.pt`` predicts (flip-averaged,
+    with its own normalisation). Its ``predictions.parquet`` must show that this fold tested exactly
+    ``test_idx``: otherwise the teacher could have trained on this fold's test images, and it is refused.
+    ``fold=None`` (a refit on all the data, which has no test images) averages all its fold models.
+    """
+    if not cfg.teachers:
+        return None
+    probs = []
+    for folder in map(Path, cfg.teachers):
+        if fold is None:
+            files = sorted((folder / "models").glob("fold*.pt"))
+        else:
+            _check_teacher_fold(folder, fold, set(ds.manifest["image_id"].to_numpy()[test_idx]))
+            files = [folder / "models" / f"fold{fold}.pt"]
+        for path in files:
+            saved = load_model(path)
+            if saved.classes != tuple(ds.classes):
+                raise ValueError(_TEACHER_CLASSES.format(folder, list(saved.classes), list(ds.classes)))
+            x = to_tensor(ds.pixels[fit_idx], saved.mean, saved.std, torch.device("cpu"), saved.input_norm)
+            probs.append(predict_proba(saved.model, x))
+    return np.mean(probs, axis=0)
+
+
 def train_on_split(cfg: TrainConfig, ds: FaceDataset, train_idx: np.ndarray, test_idx: np.ndarray, *,
                    fold: int = 0, split_seed: int = 0, on_epoch_end: EpochCallback | None = None,
                    extra_idx: np.ndarray | None = None) -> FoldRun:
@@ -66,7 +116,8 @@ def train_on_split(cfg: TrainConfig, ds: FaceDataset, train_idx: np.ndarray, tes
         fit_idx = np.concatenate([fit_idx, np.asarray(extra_idx, dtype=fit_idx.dtype)])
     labels = ds.labels
     result = fit(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
-                 len(ds.classes), train_groups=train_groups(ds, fit_idx, cfg), on_epoch_end=on_epoch_end)
+                 len(ds.classes), train_groups=train_groups(ds, fit_idx, cfg),
+                 soft_targets=teacher_targets(ds, cfg, fold, test_idx, fit_idx), on_epoch_end=on_epoch_end)
     run = score_fold(ds, test_idx, result, fold)
     run.metrics["n_fit"] = len(fit_idx)
     return run

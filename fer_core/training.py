@@ -243,11 +243,15 @@ class Trainer:
     val_groups
         Group of each validation example; when given, every epoch also reports ``val_gap``, the
         largest between-group accuracy difference (for fairness-aware search).
+    soft_targets
+        Teachers' class probabilities for each training example (N, num_classes), for distillation:
+        each example's target is then ``1 - distill`` of its label and ``distill`` of these.
     """
 
     def __init__(self, cfg: TrainConfig, train_pixels: np.ndarray, train_labels: np.ndarray,
                  val_pixels: np.ndarray, val_labels: np.ndarray, num_classes: int,
-                 train_groups: np.ndarray | None = None, val_groups: np.ndarray | None = None) -> None:
+                 train_groups: np.ndarray | None = None, val_groups: np.ndarray | None = None,
+                 soft_targets: np.ndarray | None = None) -> None:
         self.cfg, self.num_classes = cfg, num_classes
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -255,6 +259,13 @@ class Trainer:
         self.mean, self.std = input_stats(train_pixels, cfg.input_norm)
         self.x = to_tensor(train_pixels, self.mean, self.std, self.device, cfg.input_norm)
         self.y = torch.as_tensor(train_labels, dtype=torch.long, device=self.device)
+        self.targets = None  # class indices (self.y), or label/teacher blends when distilling
+        if soft_targets is not None:
+            soft = torch.as_tensor(np.asarray(soft_targets), dtype=torch.float32, device=self.device)
+            want = (len(self.y), num_classes)
+            if soft.shape != want:
+                raise ValueError(f"soft_targets: shape {tuple(soft.shape)}, expected {want}")
+            self.targets = (1 - cfg.distill) * F.one_hot(self.y, num_classes).float() + cfg.distill * soft
         self.x_val = to_tensor(val_pixels, self.mean, self.std, self.device, cfg.input_norm)
         self.y_val = np.asarray(val_labels)
         self.val_groups = val_groups
@@ -437,7 +448,8 @@ class Trainer:
         (``groupheads``, whose ``logits`` are (B, groups, C)) of the example it came from.
         """
         parts = [(1.0, idx)] if perm is None else [(lam, idx), (1.0 - lam, idx[perm])]
-        losses = [(w, rows, F.cross_entropy(self._logits_of(logits, rows).float(), self.y[rows],
+        targets = self.y if self.targets is None else self.targets
+        losses = [(w, rows, F.cross_entropy(self._logits_of(logits, rows).float(), targets[rows],
                                             reduction="none", label_smoothing=self.cfg.label_smoothing))
                   for w, rows in parts]
         if self.loss_weights is not None:
@@ -596,12 +608,14 @@ def _amp_dtype(device: torch.device) -> torch.dtype | None:
 
 def fit(cfg: TrainConfig, train_pixels: np.ndarray, train_labels: np.ndarray, val_pixels: np.ndarray,
         val_labels: np.ndarray, num_classes: int, *, train_groups: np.ndarray | None = None,
-        on_epoch_end: EpochCallback | None = None) -> FitResult:
+        soft_targets: np.ndarray | None = None, on_epoch_end: EpochCallback | None = None) -> FitResult:
     """Train with early stopping on the validation set; returns the best model.
 
     ``on_epoch_end(epoch, metrics)`` is called after every epoch; returning ``False`` stops training.
+    ``soft_targets``: the teachers' probabilities for distillation (see :class:`Trainer`).
     """
-    trainer = Trainer(cfg, train_pixels, train_labels, val_pixels, val_labels, num_classes, train_groups)
+    trainer = Trainer(cfg, train_pixels, train_labels, val_pixels, val_labels, num_classes, train_groups,
+                      soft_targets=soft_targets)
     while not trainer.done:
         metrics = trainer.step()
         if on_epoch_end is not None and on_epoch_end(metrics["epoch"], metrics) is False:

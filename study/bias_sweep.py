@@ -41,7 +41,7 @@ from fer_core import __version__
 from fer_core.bias import BiasSpec, apply_bias, bias_rng, bias_summary, check_spec
 from fer_core.checkpoint import check_init, save_model
 from fer_core.config import config_hash, load_toml, to_dict
-from fer_core.crossval import train_on_split
+from fer_core.crossval import check_teachers, train_on_split
 from fer_core.data import BASE_SUBSET, FaceDataset
 from fer_core.fairness import RUN_KEYS, fairness_table, paired_tests, unit_intervals, unit_metrics
 from fer_core.splits import kfold_splits
@@ -379,6 +379,9 @@ def prepare(args: argparse.Namespace, argv: list[str] | None
     grid = run_grid(exp, base)
     ds = load_data(exp.data.path, exp.data.synthetic)
     validate(exp, ds)
+    tests = [test for _, test in fold_rows(ds, exp.split.k, exp.split.split_seed)]
+    for train in base.values():
+        check_teachers(ds, train, tests)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     record_run(out, to_dict(exp), argv)
     logger.info("%s: %d base images, %d extras; %d-fold; %d runs in the grid; results in %s", ds.name,

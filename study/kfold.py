@@ -24,7 +24,7 @@ import pandas as pd
 
 from fer_core.checkpoint import check_init, save_model
 from fer_core.config import SplitConfig, TrainConfig, from_dict, load_toml, parse_overrides, to_dict
-from fer_core.crossval import run_kfold
+from fer_core.crossval import check_teachers, run_kfold
 from fer_core.models import list_models
 from fer_core.splits import kfold_splits
 from study.common import (
@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     train, split, data, synthetic = resolve(args)
     ds = load_data(data, synthetic).base()
     # a class too small for k is refused here, before any output folder is made
-    kfold_splits(ds.labels, ds.manifest["image_id"].to_numpy(), split.k, split.split_seed, ds.classes)
+    folds = kfold_splits(ds.labels, ds.manifest["image_id"].to_numpy(), split.k, split.split_seed, ds.classes)
     check_init(train.init, [train.arch], [train.width], "init")  # so is a starting model of another arch
+    check_teachers(ds, train, [test for _, test in folds])  # and teachers that saw these test folds
     out = Path(args.out) if args.out else make_run_dir("results", f"kfold-{train.arch}")
     out.mkdir(parents=True, exist_ok=True)
     used = {"path": data, "synthetic": synthetic} if data == SYNTHETIC and synthetic else {"path": data}

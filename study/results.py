@@ -18,7 +18,7 @@ from ray import tune
 from fer_core import __version__
 from fer_core.checkpoint import save_model
 from fer_core.config import config_hash, to_dict, to_toml
-from fer_core.crossval import split_validation, train_groups
+from fer_core.crossval import split_validation, teacher_targets, train_groups
 from fer_core.data import FaceDataset
 from fer_core.training import fit
 from study.common import write_table
@@ -121,7 +121,8 @@ def refit_best(out: Path, doc: dict[str, Any], exp: ExperimentConfig, ds: FaceDa
     fit_idx, val_idx = split_validation(ds, np.arange(len(ds)), cfg, seed=exp.split.split_seed)
     labels = ds.labels
     res = fit(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
-              len(ds.classes), train_groups=train_groups(ds, fit_idx, cfg))
+              len(ds.classes), train_groups=train_groups(ds, fit_idx, cfg),
+              soft_targets=teacher_targets(ds, cfg, None, np.arange(0), fit_idx))
     return save_model(out / "best" / "model.pt", res.model, arch=cfg.arch, classes=ds.classes,
                       input_size=ds.image_size, mean=res.mean, std=res.std, config=to_dict(cfg))
 

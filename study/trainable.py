@@ -26,7 +26,7 @@ import ray
 import torch
 from ray import tune
 
-from fer_core.crossval import score_fold, split_validation, train_groups
+from fer_core.crossval import score_fold, split_validation, teacher_targets, train_groups
 from fer_core.data import FaceDataset
 from fer_core.fairness import group_gap
 from fer_core.splits import kfold_splits
@@ -53,7 +53,8 @@ def make_trainers(exp: ExperimentConfig, ds: FaceDataset, params: dict[str, Any]
         fit_idx, val_idx = split_validation(ds, train_idx, cfg, seed=exp.split.split_seed * 1000 + fold)
         trainers.append(Trainer(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
                                 len(ds.classes), train_groups(ds, fit_idx, cfg),
-                                None if groups is None else groups[val_idx]))
+                                None if groups is None else groups[val_idx],
+                                teacher_targets(ds, cfg, fold, test_idx, fit_idx)))
         tests.append(test_idx)
     return trainers, tests
 

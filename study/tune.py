@@ -24,6 +24,8 @@ import ray
 
 from fer_core.checkpoint import check_init
 from fer_core.config import to_dict
+from fer_core.crossval import check_teachers
+from fer_core.splits import kfold_splits
 from study.common import load_data, record_run, run_cli, setup_logging
 from study.experiment import ExperimentConfig, load_experiment
 from study.results import best_trial, refit_best, top_table, write_best, write_outputs
@@ -73,6 +75,9 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
 def check_init_fits(exp: ExperimentConfig) -> None:
     """Refuse a ``train.init`` model that some trial of the search space could not start from."""
     space = exp.search.space
+    if "teachers" in space:
+        raise ValueError("search.space.teachers: the teachers are not searchable; set train.teachers, and "
+                         "compare with and without them by study.kfold")
     if "init" in space:
         raise ValueError("search.space.init: the starting model is not searchable; set train.init to one "
                          "model file (or leave it empty), and compare with and without it by study.kfold")
@@ -95,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     exp, out = resolve(args)
     check_init_fits(exp)
     data = load_data(exp.data.path, exp.data.synthetic).base()
+    folds = kfold_splits(data.labels, data.manifest["image_id"].to_numpy(), exp.split.k, exp.split.split_seed,
+                         data.classes)
+    check_teachers(data, exp.train, [test for _, test in folds])
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         record_run(out, to_dict(exp), argv)

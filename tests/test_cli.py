@@ -64,6 +64,8 @@ def test_a_starting_model_of_another_architecture_is_refused_before_any_folder_i
         tune.main(["--smoke-test", f"results_dir={out}", f"train.init={path}"])
     with pytest.raises(ValueError, match="search.space.init: the starting model is not searchable"):
         tune.main(["--smoke-test", f"results_dir={out}", f'search.space.init=["", "{path}"]'])
+    with pytest.raises(ValueError, match="search.space.teachers: the teachers are not searchable"):
+        tune.main(["--smoke-test", f"results_dir={out}", 'search.space.teachers=[[], []]'])
     with pytest.raises(ValueError, match="init of the variant2 recipe: .*asks for 'variant2'"):
         bias_sweep.main(["--smoke-test", f"results_dir={out}", 'sweep.archs=["main", "variant2"]',
                          f"train.init={path}"])

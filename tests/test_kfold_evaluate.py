@@ -235,3 +235,49 @@ def test_evaluate_averages_the_probabilities_of_several_models(kfold_run, tmp_pa
                                          ".*fold0.pt"):
         evaluate.main(["--model", models[0], str(renamed), *data, "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_student_learns_from_the_teachers_fold_models_and_never_from_another_split(kfold_run, tmp_path,
+                                                                                     monkeypatch):
+    import fer_core.crossval as crossval
+    from fer_core.config import TrainConfig
+    from fer_core.data import image_id, load_dataset
+
+    teacher, data = kfold_run / "run", kfold_run / "data"
+    seen = []
+    real_fit = crossval.fit
+
+    def spy(cfg, train_px, *args, soft_targets=None, **kwargs):
+        seen.append(([image_id(p) for p in train_px], soft_targets))
+        return real_fit(cfg, train_px, *args, soft_targets=soft_targets, **kwargs)
+
+    monkeypatch.setattr(crossval, "fit", spy)
+    assert kfold.main(["--data", str(data), "--arch", "main", "--out", str(tmp_path / "student"), "k=3",
+                       "epochs=1", "batch_size=16", f"teachers=['{teacher}']", "distill=0.7"]) == 0
+    assert len(seen) == 3
+    for fold, (fitted, soft) in enumerate(seen):  # the soft targets are the fold model's probabilities
+        assert evaluate.main(["--model", str(teacher / "models" / f"fold{fold}.pt"), "--data", str(data),
+                              "--out", str(tmp_path / f"ev{fold}"), "--show", "0"]) == 0
+        probs = pd.read_parquet(tmp_path / f"ev{fold}" / "predictions.parquet").set_index("image_id")
+        np.testing.assert_allclose(soft, probs.loc[fitted, [c for c in probs if c.startswith("p_")]],
+                                   atol=1e-5)
+        tested = pd.read_parquet(teacher / "predictions.parquet").query("fold == @fold")["image_id"]
+        assert not set(tested) & set(fitted)  # the teacher's fold model never saw these test images
+    recorded = tomllib.loads((tmp_path / "student" / "config.toml").read_text())["train"]
+    assert recorded["teachers"] == [str(teacher.resolve())] and recorded["distill"] == 0.7
+
+    # a refit on all the data (no test images) learns from every fold model of each teacher
+    ds = load_dataset(data)
+    every = crossval.teacher_targets(ds, TrainConfig(teachers=(str(teacher),)), None, np.arange(0),
+                                     np.arange(len(ds)))
+    each = [pd.read_parquet(tmp_path / f"ev{f}" / "predictions.parquet").filter(like="p_").to_numpy()
+            for f in range(3)]
+    np.testing.assert_allclose(every, np.mean(each, axis=0), atol=1e-5)
+
+    # a teacher cut into other folds could have trained on this run's test images: refused at once
+    with pytest.raises(ValueError, match="teachers: .*run: .* images differ between its fold 0 test images"):
+        kfold.main(["--data", str(data), "--arch", "main", "--out", str(tmp_path / "k2"), "k=2",
+                    f"teachers=['{teacher}']"])
+    assert not (tmp_path / "k2").exists()
+    with pytest.raises(ValueError, match="'teachers' must be a list of study.kfold result folders"):
+        TrainConfig(teachers=(str(tmp_path),))

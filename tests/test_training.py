@@ -433,3 +433,18 @@ def test_trainer_normalises_its_inputs_with_the_training_images_stats(input_norm
     assert input_stats(x, input_norm) == (tr.mean, tr.std)
     tr.step()
     assert tr.result().input_norm == input_norm
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.3, 1.0])
+def test_distillation_targets_blend_the_label_with_the_teachers_probabilities(distill):
+    x, y = bar_images(16)
+    soft = np.random.default_rng(0).dirichlet(np.ones(4), size=16)
+    cfg = TrainConfig(epochs=1, batch_size=8, label_smoothing=0.1, distill=distill)
+    tr = Trainer(cfg, x, y, x[:4], y[:4], 4, soft_targets=soft)
+    logits, idx = torch.randn(5, 4), torch.tensor([0, 3, 5, 8, 15])
+    target = (1 - distill) * np.eye(4)[y[idx]] + distill * soft[idx]
+    target = 0.9 * target + 0.1 / 4  # label smoothing spreads a tenth evenly
+    want = -(torch.as_tensor(target, dtype=torch.float32) * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert float(tr.loss(logits, idx)) == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(ValueError, match="soft_targets: shape \\(15, 4\\), expected \\(16, 4\\)"):
+        Trainer(cfg, x, y, x[:4], y[:4], 4, soft_targets=soft[:15])
