@@ -60,6 +60,7 @@ class TrainConfig:
     mixup: float = 0.0
     erase: float = 0.0
     ema: float = 0.0
+    sam: float = 0.0
     patience: int = 20
     val_fraction: float = 0.1
     seed: int = 0
@@ -106,6 +107,8 @@ class TrainConfig:
                "finite and >= 0 (0: off)")
         _check(where, "erase", self.erase, 0 <= self.erase <= 1, "a probability in [0, 1] (0: off)")
         _check(where, "ema", self.ema, 0 <= self.ema < 1, "a decay in [0, 1) (0: off)")
+        _check(where, "sam", self.sam, math.isfinite(self.sam) and self.sam >= 0,
+               "a radius, finite and >= 0 (0: off)")
         _check(where, "adv_weight", self.adv_weight, math.isfinite(self.adv_weight) and self.adv_weight >= 0,
                "finite and >= 0")
 
@@ -268,7 +271,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # default it is left out of the hash, so results written before it existed still match their
 # configuration (a resumed study or sweep keeps them instead of training them again).
 LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0, "init": "",
-                    "stem_pool": True, "input_norm": "dataset", "teachers": [], "distill": 0.5}
+                    "stem_pool": True, "input_norm": "dataset", "teachers": [], "distill": 0.5,
+                    "sam": 0.0}
 
 
 def config_hash(cfg: Any) -> str:

@@ -302,6 +302,7 @@ class Trainer:
         self.sample_weights = self.loss_weights = self.group_index = self.head_index = None
         self.critic_index = None
         self.n_heads = 1
+        self.update_q = True  # group DRO's weights move on this batch's loss (not on sam's second pass)
         if cfg.mitigation == "none":
             return
         if groups is None:
@@ -463,9 +464,10 @@ class Trainer:
             sums.index_add_(0, g, w * ce)
             counts.index_add_(0, g, torch.full_like(ce, w))
         group_loss = sums / counts.clamp(min=1e-12)  # a group absent from the batch has loss 0
-        with torch.no_grad():  # exponentiated-gradient ascent on the group weights
-            self.q = self.q * torch.exp(self.cfg.dro_eta * group_loss.detach())
-            self.q = self.q / self.q.sum()
+        if self.update_q:  # exponentiated-gradient ascent on the group weights (once per step with sam)
+            with torch.no_grad():
+                self.q = self.q * torch.exp(self.cfg.dro_eta * group_loss.detach())
+                self.q = self.q / self.q.sum()
         return (self.q * group_loss).sum()
 
     def critic_scale(self) -> float:
@@ -522,19 +524,14 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         lam = None if lams is None else float(lams[i])
         xb, perm = tr.mix(augment(tr.x[idx], cfg.aug_strength, tr.gen, cfg.erase), lam)
-        with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
-                            enabled=tr.amp_dtype is not None):
-            w = 1.0 if lam is None else lam
-            if tr.critic_index is not None:
-                logits, critic = model.logits_and_critic(xb, tr.critic_inputs(idx, perm, w), scale)
-                critic_loss = tr.critic_loss(critic, idx, perm, w)
-                critic_total += critic_loss.detach()
-                loss = tr.loss(logits, idx, perm, w) + critic_loss
-            else:
-                logits = model.group_logits(xb) if tr.head_index is not None else model(xb)
-                loss = tr.loss(logits, idx, perm, w)
+        w = 1.0 if lam is None else lam
+        loss, critic_loss = batch_loss(tr, xb, idx, perm, w, scale)
+        if critic_loss is not None:
+            critic_total += critic_loss.detach()
         tr.optimizer.zero_grad(set_to_none=True)
         tr.scaler.scale(loss).backward()
+        if cfg.sam > 0:
+            sam_second_pass(tr, xb, idx, perm, w, scale)
         tr.scaler.step(tr.optimizer)
         tr.scaler.update()
         tr.scheduler.step()
@@ -546,6 +543,54 @@ def train_one_epoch(tr: Trainer) -> dict[str, float]:
     if tr.critic_index is not None:  # the critic's loss, next to what it is when it has learnt nothing
         metrics.update(critic_loss=float(critic_total) / tr.steps_per_epoch, critic_chance=tr.critic_chance)
     return metrics
+
+
+def batch_loss(tr: Trainer, xb: torch.Tensor, idx: torch.Tensor, perm: torch.Tensor | None, w: float,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training loss of one prepared batch, and the critic's part of it (``None`` without a critic)."""
+    model = tr.model
+    amp = tr.amp_dtype is not None
+    with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32, enabled=amp):
+        if tr.critic_index is not None:
+            logits, critic = model.logits_and_critic(xb, tr.critic_inputs(idx, perm, w), scale)
+            critic_loss = tr.critic_loss(critic, idx, perm, w)
+            return tr.loss(logits, idx, perm, w) + critic_loss, critic_loss
+        logits = model.group_logits(xb) if tr.head_index is not None else model(xb)
+        return tr.loss(logits, idx, perm, w), None
+
+
+def sam_second_pass(tr: Trainer, xb: torch.Tensor, idx: torch.Tensor, perm: torch.Tensor | None, w: float,
+                    scale: float) -> None:
+    """Sharpness-aware minimisation (Foret et al., ICLR 2021): the gradient at the worst weights nearby.
+
+    The weights are moved ``sam`` (a radius) along the batch's gradient, the same batch's loss is taken
+    again there, and its gradient is what the optimizer then applies at the original weights. The second
+    pass leaves batch-norm statistics and group DRO's weights as the first pass set them, so each step
+    updates them once. Costs a second forward and backward pass per batch.
+    """
+    params = [p for p in tr.model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        grads = [p.grad / tr.scaler.get_scale() for p in params]  # unscaled (the scale is 1 without fp16)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        # an overflowed fp16 step (skipped by the scaler anyway) moves nothing, without a host sync
+        steps = [torch.nan_to_num(g * (tr.cfg.sam / (norm + 1e-12)), nan=0.0, posinf=0.0, neginf=0.0)
+                 for g in grads]
+        for p, e in zip(params, steps, strict=True):
+            p.add_(e)
+    buffers = list(tr.model.buffers())  # batch-norm statistics, kept as the first pass left them
+    kept = [b.clone() for b in buffers]
+    tr.update_q = False
+    try:
+        tr.optimizer.zero_grad(set_to_none=True)
+        loss, _ = batch_loss(tr, xb, idx, perm, w, scale)
+        tr.scaler.scale(loss).backward()
+    finally:
+        tr.update_q = True
+        with torch.no_grad():
+            for b, k in zip(buffers, kept, strict=True):
+                b.copy_(k)
+            for p, e in zip(params, steps, strict=True):
+                p.sub_(e)
 
 
 @torch.no_grad()

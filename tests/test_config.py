@@ -60,12 +60,13 @@ def test_keys_added_later_leave_old_hashes_alone_until_used():
     assert config_hash(TrainConfig(width=2.0)) != config_hash(TrainConfig())
     assert config_hash(TrainConfig(mixup=0.2)) != config_hash(TrainConfig())
     changes = ({}, {"erase": 0.5}, {"ema": 0.99}, {"adv_weight": 0.5}, {"init": __file__},
-               {"stem_pool": False}, {"input_norm": "equalize"}, {"input_norm": "image"})
+               {"stem_pool": False}, {"input_norm": "equalize"}, {"input_norm": "image"}, {"sam": 0.05})
     hashes = {config_hash(TrainConfig(**kw)) for kw in changes}
     assert len(hashes) == len(changes)
     for bad in ({"width": float("inf")}, {"width": 0.0}, {"mixup": float("nan")}, {"mixup": -1.0},
                 {"erase": 1.5}, {"erase": float("nan")}, {"ema": 1.0}, {"ema": -0.1},
-                {"adv_weight": -1.0}, {"adv_weight": float("inf")}, {"input_norm": "per_image"}):
+                {"adv_weight": -1.0}, {"adv_weight": float("inf")}, {"input_norm": "per_image"},
+                {"sam": -0.05}, {"sam": float("nan")}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)
 

@@ -1,6 +1,9 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from fer_core.config import TrainConfig
@@ -448,3 +451,61 @@ def test_distillation_targets_blend_the_label_with_the_teachers_probabilities(di
     assert float(tr.loss(logits, idx)) == pytest.approx(float(want), rel=1e-5)
     with pytest.raises(ValueError, match="soft_targets: shape \\(15, 4\\), expected \\(16, 4\\)"):
         Trainer(cfg, x, y, x[:4], y[:4], 4, soft_targets=soft[:15])
+
+
+def _sam_trainer(**kw) -> Trainer:
+    # one batch of the whole set, no augmentation or dropout: one step is a plain function of the weights
+    x, y = bar_images(32)
+    g = np.where(np.arange(32) % 2 == 0, "A", "B")
+    cfg = TrainConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.1, weight_decay=0.0, schedule="constant",
+                      dropout=0.0, aug_strength=0.0, **kw)
+    return Trainer(cfg, x, y, x[:4], y[:4], 4, g)
+
+
+def test_sam_steps_with_the_gradient_taken_at_the_weights_moved_up_the_gradient():
+    tr = _sam_trainer(sam=0.05)
+    start = copy.deepcopy(tr.model).train()
+    model = copy.deepcopy(start)
+    params = list(model.parameters())
+
+    def grads() -> list[torch.Tensor]:
+        loss = F.cross_entropy(model(tr.x), tr.y, label_smoothing=tr.cfg.label_smoothing)
+        return [g if g is not None else torch.zeros_like(p)
+                for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params, strict=True)]
+
+    g1 = grads()
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g1))
+    with torch.no_grad():
+        for p, g in zip(params, g1, strict=True):
+            p.add_(0.05 * g / norm)
+    g2 = grads()
+    # SGD, Nesterov momentum 0.9, first step: the weights move by lr * (1 + 0.9) * gradient
+    want = [p0 - 0.1 * 1.9 * g for p0, g in zip(start.parameters(), g2, strict=True)]
+    plain = [p0 - 0.1 * 1.9 * g for p0, g in zip(start.parameters(), g1, strict=True)]
+    tr.step()
+    got = list(tr.model.parameters())
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want, strict=True))
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, plain, strict=True))
+    # batch-norm statistics moved once, by the first pass at the starting weights
+    once = copy.deepcopy(start)
+    once(tr.x)
+    for a, b in zip(tr.model.buffers(), once.buffers(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_sam_moves_group_dro_weights_once_per_step_by_the_first_pass():
+    with_sam, without = (_sam_trainer(mitigation="groupdro", dro_eta=1.0, sam=s) for s in (0.05, 0.0))
+    with_sam.step()
+    without.step()
+    assert not torch.allclose(without.q, torch.full_like(without.q, 0.5))
+    assert torch.allclose(with_sam.q, without.q)
+    assert with_sam.update_q
+
+
+def test_sam_trains_with_every_mitigation():
+    x, y = bar_images(64)
+    g = np.where(np.arange(64) % 2 == 0, "A", "B")
+    for mitigation in ("none", "reweight", "groupdro", "groupheads", "adversary"):
+        result = fit(TrainConfig(epochs=2, batch_size=16, sam=0.05, mitigation=mitigation), x, y, x[:16],
+                     y[:16], 4, train_groups=g)
+        assert np.isfinite([h["train_loss"] for h in result.history]).all(), mitigation
