@@ -302,7 +302,6 @@ class Trainer:
         self.sample_weights = self.loss_weights = self.group_index = self.head_index = None
         self.critic_index = None
         self.n_heads = 1
-        self.update_q = True  # group DRO's weights move on this batch's loss (not on sam's second pass)
         if cfg.mitigation == "none":
             return
         if groups is None:
@@ -464,10 +463,9 @@ class Trainer:
             sums.index_add_(0, g, w * ce)
             counts.index_add_(0, g, torch.full_like(ce, w))
         group_loss = sums / counts.clamp(min=1e-12)  # a group absent from the batch has loss 0
-        if self.update_q:  # exponentiated-gradient ascent on the group weights (once per step with sam)
-            with torch.no_grad():
-                self.q = self.q * torch.exp(self.cfg.dro_eta * group_loss.detach())
-                self.q = self.q / self.q.sum()
+        with torch.no_grad():  # exponentiated-gradient ascent on the group weights
+            self.q = self.q * torch.exp(self.cfg.dro_eta * group_loss.detach())
+            self.q = self.q / self.q.sum()
         return (self.q * group_loss).sum()
 
     def critic_scale(self) -> float:
@@ -549,8 +547,8 @@ def batch_loss(tr: Trainer, xb: torch.Tensor, idx: torch.Tensor, perm: torch.Ten
                scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The training loss of one prepared batch, and the critic's part of it (``None`` without a critic)."""
     model = tr.model
-    amp = tr.amp_dtype is not None
-    with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32, enabled=amp):
+    with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
+                        enabled=tr.amp_dtype is not None):
         if tr.critic_index is not None:
             logits, critic = model.logits_and_critic(xb, tr.critic_inputs(idx, perm, w), scale)
             critic_loss = tr.critic_loss(critic, idx, perm, w)
@@ -571,21 +569,22 @@ def sam_second_pass(tr: Trainer, xb: torch.Tensor, idx: torch.Tensor, perm: torc
     params = [p for p in tr.model.parameters() if p.grad is not None]
     with torch.no_grad():
         grads = [p.grad / tr.scaler.get_scale() for p in params]  # unscaled (the scale is 1 without fp16)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = torch.nn.utils.get_total_norm(grads)
         # an overflowed fp16 step (skipped by the scaler anyway) moves nothing, without a host sync
         steps = [torch.nan_to_num(g * (tr.cfg.sam / (norm + 1e-12)), nan=0.0, posinf=0.0, neginf=0.0)
                  for g in grads]
         for p, e in zip(params, steps, strict=True):
             p.add_(e)
-    buffers = list(tr.model.buffers())  # batch-norm statistics, kept as the first pass left them
-    kept = [b.clone() for b in buffers]
-    tr.update_q = False
+    # batch-norm statistics and group DRO's weights are put back as the first pass left them
+    buffers = list(tr.model.buffers())
+    kept, q = [b.clone() for b in buffers], getattr(tr, "q", None)
     try:
         tr.optimizer.zero_grad(set_to_none=True)
         loss, _ = batch_loss(tr, xb, idx, perm, w, scale)
         tr.scaler.scale(loss).backward()
     finally:
-        tr.update_q = True
+        if q is not None:
+            tr.q = q
         with torch.no_grad():
             for b, k in zip(buffers, kept, strict=True):
                 b.copy_(k)
