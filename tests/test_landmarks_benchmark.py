@@ -1,0 +1,97 @@
+"""benchmarks/landmarks_fer4.py: per-face landmark features and their out-of-fold classifier."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+CLASSES = ["Focused", "Happy", "Neutral", "Surprised"]
+_spec = importlib.util.spec_from_file_location(
+    "landmarks_fer4", Path(__file__).resolve().parents[1] / "benchmarks" / "landmarks_fer4.py")
+landmarks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(landmarks)
+
+
+def _faces(n: int, rng: np.random.Generator) -> np.ndarray:
+    faces = rng.normal(size=(n, landmarks.N_LANDMARKS, 3))
+    left, right = landmarks.EYE_CORNERS
+    faces[:, left, :2] += [-3.0, 0.0]  # eye corners apart, so the eye line is well defined
+    faces[:, right, :2] += [3.0, 0.0]
+    return faces
+
+
+def test_features_ignore_position_rotation_and_size_of_the_face():
+    rng = np.random.default_rng(0)
+    faces = _faces(5, rng)
+    angle = rng.uniform(-np.pi / 3, np.pi / 3, size=5)
+    turn = np.stack([np.stack([np.cos(angle), -np.sin(angle)], -1),
+                     np.stack([np.sin(angle), np.cos(angle)], -1)], -2)
+    moved = faces.copy()
+    moved[:, :, :2] = np.einsum("nij,nkj->nki", turn, faces[:, :, :2])
+    moved *= rng.uniform(0.2, 5.0, size=(5, 1, 1))
+    moved[:, :, :2] += rng.normal(scale=10, size=(5, 1, 2))
+    np.testing.assert_allclose(landmarks.normalise(moved, 3), landmarks.normalise(faces, 3), atol=1e-9)
+    # a different face gives different features
+    assert not np.allclose(landmarks.normalise(faces[[1]]), landmarks.normalise(faces[[0]]))
+
+
+def test_no_face_stays_missing():
+    faces = _faces(3, np.random.default_rng(1))
+    faces[1] = np.nan
+    features = landmarks.normalise(faces)
+    assert features.shape == (3, landmarks.N_LANDMARKS * 2)
+    assert np.isnan(features[1]).all() and not np.isnan(features[[0, 2]]).any()
+
+
+def _separable(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(CLASSES)[np.arange(n) % 4]
+    centres = rng.normal(scale=3, size=(4, 6))
+    features = centres[np.arange(n) % 4] + rng.normal(size=(n, 6))
+    folds = rng.permutation(np.arange(n) % 3)
+    return features, labels, folds
+
+
+def test_a_folds_probabilities_do_not_depend_on_its_own_labels():
+    features, labels, folds = _separable(96, 0)
+    probs = landmarks.landmark_probabilities(features, labels, folds, CLASSES)
+    # learnt from the other folds: the separable classes are recognised
+    assert (np.asarray(CLASSES)[probs.argmax(1)] == labels).mean() > 0.9
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    scrambled = labels.copy()
+    scrambled[folds == 0] = np.random.default_rng(1).permutation(labels[folds == 0])
+    again = landmarks.landmark_probabilities(features, scrambled, folds, CLASSES)
+    np.testing.assert_allclose(again[folds == 0], probs[folds == 0])
+    assert not np.allclose(again[folds != 0], probs[folds != 0])  # fold 0's labels do train the others
+
+
+def test_an_image_with_no_face_gets_the_fitted_class_shares():
+    features, labels, folds = _separable(96, 2)
+    labels[(folds != 0) & (labels == "Happy")] = "Focused"  # no Happy image is fitted for fold 0
+    features[np.flatnonzero(folds == 0)[:3]] = np.nan
+    probs = landmarks.landmark_probabilities(features, labels, folds, CLASSES)
+    fitted = labels[folds != 0]
+    expected = [np.mean(fitted == c) for c in CLASSES]
+    np.testing.assert_allclose(probs[np.flatnonzero(folds == 0)[:3]], [expected] * 3)
+    assert expected[1] == 0 and expected[0] > expected[2]
+    assert (probs[folds == 0, 1] == 0).all()  # the class it never saw is never predicted
+
+
+def test_score_refuses_landmarks_of_other_images(tmp_path, monkeypatch, capsys):
+    pixels = np.zeros((4, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "pixels.npy", pixels)
+    pd.DataFrame({"image_id": list("abcd"), "label": CLASSES}).to_parquet(tmp_path / "manifest.parquet")
+    preds = pd.DataFrame({"arch": "main", "fold": [0, 0, 1, 1], "image_id": list("abcd"),
+                          "y_true": CLASSES, **{f"p_{c}": 0.25 for c in CLASSES}})
+    preds.to_parquet(tmp_path / "predictions.parquet")
+    other = pixels.copy()
+    other[0, 0, 0] = 1
+    np.savez(tmp_path / "mesh.npz", landmarks=np.zeros((4, landmarks.N_LANDMARKS, 3), np.float32),
+             pixels_sha256=landmarks.pixels_fingerprint(other), size=192, mediapipe="0.10.14")
+    monkeypatch.setattr(sys, "argv", ["landmarks_fer4.py", "score", "--data", str(tmp_path), "--landmarks",
+                                      str(tmp_path / "mesh.npz"), str(tmp_path / "predictions.parquet")])
+    with pytest.raises(SystemExit, match="other images than"):
+        landmarks.main()
