@@ -122,6 +122,20 @@ def landmark_probabilities(features: np.ndarray, labels: np.ndarray, folds: np.n
     return probs
 
 
+def gender_gap(rows, classes: list[str]) -> str:
+    """``; gender gap <Male - Female accuracy>`` pooled over folds (Fairlearn), or nothing without genders."""
+    from fairlearn.metrics import MetricFrame
+    from sklearn.metrics import accuracy_score
+
+    if "gender" not in rows or not {"Male", "Female"} <= set(rows["gender"].dropna()):
+        return ""
+    rows = rows[rows["gender"].isin(["Male", "Female"])]
+    y_pred = np.asarray(classes)[rows[[f"p_{c}" for c in classes]].to_numpy().argmax(1)]
+    acc = MetricFrame(metrics=accuracy_score, y_true=rows["y_true"], y_pred=y_pred,
+                      sensitive_features=rows["gender"].to_numpy()).by_group
+    return f"; gender gap (Male - Female accuracy) {100 * (acc['Male'] - acc['Female']):+.1f} points"
+
+
 def score(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import ensemble_fer4  # the predictions reader, fold scores and paired difference
@@ -145,13 +159,17 @@ def score(args: argparse.Namespace) -> None:
     missing = int(np.isnan(features).any(axis=1).sum())
     print(f"{args.landmarks}: no face found in {missing} of {len(features)} images "
           f"(mediapipe {saved['mediapipe']}, {int(saved['size'])} px); features: {args.dims}-d landmarks")
-    fused = []
+    fused, by_split = [], {}
     for arch, part in frame.groupby("arch", sort=True):
         part = part.sort_values(["fold", "image_id"]).reset_index(drop=True)
         if part["image_id"].duplicated().any():
             raise SystemExit(f"{arch}: an image is tested in two folds; give one k-fold run per architecture")
-        mesh = landmark_probabilities(features[row.loc[part["image_id"]].to_numpy()],
-                                      part["y_true"].to_numpy(), part["fold"].to_numpy(), classes)
+        split = tuple(zip(part["fold"], part["image_id"], strict=True))
+        if split not in by_split:  # architectures tested on the same folds share one landmark model
+            by_split[split] = landmark_probabilities(features[row.loc[part["image_id"]].to_numpy()],
+                                                     part["y_true"].to_numpy(), part["fold"].to_numpy(),
+                                                     classes)
+        mesh = by_split[split]
         alone = part.assign(arch=f"{arch} landmarks", **dict(zip(cols, mesh.T, strict=True)))
         both = part.assign(arch=f"{arch} + landmarks",
                            **dict(zip(cols, ((part[cols].to_numpy() + mesh) / 2).T, strict=True)))
@@ -164,7 +182,7 @@ def score(args: argparse.Namespace) -> None:
                     f"mean {f1.mean():.4f} ± {f1.std(ddof=1):.4f}")
             if name != arch:
                 line += f"  vs {arch}: {ensemble_fer4.paired_difference(f1, cnn)}"
-            print(line, flush=True)
+            print(line + gender_gap(table[table["arch"] == name], classes), flush=True)
     archs = sorted(frame["arch"].unique())
     if len(archs) > 1:
         table = pd.concat([frame, *fused], ignore_index=True)

@@ -95,3 +95,35 @@ def test_score_refuses_landmarks_of_other_images(tmp_path, monkeypatch, capsys):
                                       str(tmp_path / "mesh.npz"), str(tmp_path / "predictions.parquet")])
     with pytest.raises(SystemExit, match="other images than"):
         landmarks.main()
+
+
+def test_score_averages_the_cnn_with_the_landmarks(tmp_path, monkeypatch, capsys):
+    n = 48
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 255, size=(n, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "pixels.npy", pixels)
+    ids = [f"img{i}" for i in range(n)]
+    labels = np.asarray(CLASSES)[np.arange(n) % 4]
+    pd.DataFrame({"image_id": ids, "label": labels}).to_parquet(tmp_path / "manifest.parquet")
+    faces = _faces(n, rng)
+    faces[:, 10, :2] += np.stack([np.arange(n) % 4 * 2.0, np.zeros(n)], -1)  # the class moves one landmark
+    np.savez(tmp_path / "mesh.npz", landmarks=faces.astype(np.float32), size=192, mediapipe="0.10.14",
+             pixels_sha256=landmarks.pixels_fingerprint(pixels))
+    # a CNN that knows nothing: every class equally likely, so the average decides as the landmarks do
+    preds = pd.DataFrame({"arch": "main", "fold": np.arange(n) % 3, "image_id": ids, "y_true": labels,
+                          "gender": np.where(np.arange(n) % 2, "Male", "Female"),
+                          **{f"p_{c}": 0.25 for c in CLASSES}})
+    preds.to_parquet(tmp_path / "predictions.parquet")
+    monkeypatch.setattr(sys, "argv", ["landmarks_fer4.py", "score", "--data", str(tmp_path), "--landmarks",
+                                      str(tmp_path / "mesh.npz"), str(tmp_path / "predictions.parquet")])
+    landmarks.main()
+    lines = {line.split(" per fold ")[0].strip(): line for line in capsys.readouterr().out.splitlines()
+             if " per fold " in line}
+    assert set(lines) == {"main", "main landmarks", "main + landmarks"}
+
+    def per_fold(name):
+        return lines[name].split(" per fold ")[1].split("]")[0]
+
+    assert per_fold("main + landmarks") == per_fold("main landmarks")
+    assert per_fold("main landmarks") != per_fold("main")
+    assert "gender gap (Male - Female accuracy)" in lines["main + landmarks"]
