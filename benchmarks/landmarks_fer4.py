@@ -122,18 +122,21 @@ def landmark_probabilities(features: np.ndarray, labels: np.ndarray, folds: np.n
     return probs
 
 
-def gender_gap(rows, classes: list[str]) -> str:
-    """``; gender gap <Male - Female accuracy>`` pooled over folds (Fairlearn), or nothing without genders."""
+def gender_gaps(rows, classes: list[str]):
+    """Male - Female accuracy per fold (Fairlearn's MetricFrame), or ``None`` without both genders."""
+    import pandas as pd
     from fairlearn.metrics import MetricFrame
     from sklearn.metrics import accuracy_score
 
     if "gender" not in rows or not {"Male", "Female"} <= set(rows["gender"].dropna()):
-        return ""
+        return None
     rows = rows[rows["gender"].isin(["Male", "Female"])]
     y_pred = np.asarray(classes)[rows[[f"p_{c}" for c in classes]].to_numpy().argmax(1)]
     acc = MetricFrame(metrics=accuracy_score, y_true=rows["y_true"], y_pred=y_pred,
-                      sensitive_features=rows["gender"].to_numpy()).by_group
-    return f"; gender gap (Male - Female accuracy) {100 * (acc['Male'] - acc['Female']):+.1f} points"
+                      sensitive_features={"gender": rows["gender"].to_numpy()},
+                      control_features={"fold": rows["fold"].to_numpy()}).by_group
+    return pd.Series({fold: acc.loc[(fold, "Male")] - acc.loc[(fold, "Female")]
+                      for fold in sorted(rows["fold"].unique())})
 
 
 def score(args: argparse.Namespace) -> None:
@@ -182,7 +185,13 @@ def score(args: argparse.Namespace) -> None:
                     f"mean {f1.mean():.4f} ± {f1.std(ddof=1):.4f}")
             if name != arch:
                 line += f"  vs {arch}: {ensemble_fer4.paired_difference(f1, cnn)}"
-            print(line + gender_gap(table[table["arch"] == name], classes), flush=True)
+            gaps = gender_gaps(table[table["arch"] == name], classes)
+            if gaps is not None:
+                line += f"; gender gap (Male - Female accuracy) {100 * gaps.mean():+.1f} points"
+                if name != arch:
+                    base_gaps = gender_gaps(part, classes)
+                    line += f", its change {ensemble_fer4.paired_difference(gaps, base_gaps)}"
+            print(line, flush=True)
     archs = sorted(frame["arch"].unique())
     if len(archs) > 1:
         table = pd.concat([frame, *fused], ignore_index=True)

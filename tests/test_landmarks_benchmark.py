@@ -127,3 +127,19 @@ def test_score_averages_the_cnn_with_the_landmarks(tmp_path, monkeypatch, capsys
     assert per_fold("main + landmarks") == per_fold("main landmarks")
     assert per_fold("main landmarks") != per_fold("main")
     assert "gender gap (Male - Female accuracy)" in lines["main + landmarks"]
+
+
+def test_gender_gap_per_fold_is_male_minus_female_accuracy():
+    rng = np.random.default_rng(4)
+    n = 80
+    rows = pd.DataFrame({"fold": np.arange(n) % 2, "y_true": rng.choice(CLASSES, n),
+                         "gender": rng.choice(["Male", "Female", None], n)})
+    probs = rng.dirichlet(np.ones(4), n)
+    for j, c in enumerate(CLASSES):
+        rows[f"p_{c}"] = probs[:, j]
+    gaps = landmarks.gender_gaps(rows, CLASSES)
+    right = rows["y_true"].to_numpy() == np.asarray(CLASSES)[probs.argmax(1)]
+    for fold in (0, 1):
+        acc = {g: right[(rows["fold"] == fold) & (rows["gender"] == g)].mean() for g in ("Male", "Female")}
+        assert gaps[fold] == pytest.approx(acc["Male"] - acc["Female"])
+    assert landmarks.gender_gaps(rows.drop(columns="gender"), CLASSES) is None
