@@ -2,8 +2,10 @@
 
 Every recipe probe of ``study.tune``'s CNNs stopped near macro-F1 0.82 on fer4's 2194 images (README,
 "Which model"). This script measures an input the CNNs do not have: the 468 landmarks of MediaPipe's
-face mesh, a model trained by Google on its own face data, not on FER-2013 (from which fer4's images are
-sampled), so it has seen no fer4 test image. It works in two steps, in two Python environments:
+face mesh, a model Google built for effects on phone-camera faces. Its publications do not name FER-2013
+(from which fer4's images are sampled) among its training data, unlike the expression models of pip
+packages, which are trained on FER-2013 and have seen fer4's test images; this cannot be checked from
+here. It works in two steps, in two Python environments:
 
 1. ``extract`` runs the face mesh on every image of a canonical dataset (upscaled to ``--size`` pixels,
    default 192, the mesh's input size) and writes the landmarks, NaN where no face was found, with a
@@ -25,10 +27,10 @@ sampled), so it has seen no fer4 test image. It works in two steps, in two Pytho
        python benchmarks/landmarks_fer4.py score --data data/fer4 --landmarks data/fer4-mesh.npz
            results/kfold-fer4/main/predictions.parquet   # one command line
 
-   A test image with no face found gets the training images' class shares from the landmark model, so
-   the average leaves the CNN's decision to the CNN. The landmarks are normalised per face: centred,
-   turned so the line between the outer eye corners is level, and scaled to unit spread; only x and y
-   are used (``--dims 3`` adds the mesh's depth estimate).
+   A test image with no face found gets the training images' class shares from the landmark side, so
+   the average is mostly the CNN's decision (nudged towards the common classes). The landmarks are
+   normalised per face: centred, turned so the line between the outer eye corners is level, and scaled
+   to unit spread; only x and y are used (``--dims 3`` adds the mesh's depth estimate).
 
 The test fold never reaches the landmark model: it is fitted on the other folds' images only.
 """
