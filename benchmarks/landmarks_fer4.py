@@ -55,12 +55,22 @@ def pixels_fingerprint(pixels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def need_file(path: Path, what: str) -> Path:
+    """``path`` if it is a file, else exit with one line naming it and what it should be."""
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: no such file; {what}")
+    return Path(path)
+
+
 def extract(data: Path, out: Path, size: int) -> None:
     """Face-mesh landmarks of every image of ``data/pixels.npy`` (row order kept) to ``out`` (.npz)."""
-    import cv2
-    import mediapipe as mp
-
-    pixels = np.load(data / "pixels.npy")
+    pixels = np.load(need_file(data / "pixels.npy", "--data is a canonical dataset folder (study.prepare)"))
+    try:
+        import cv2
+        import mediapipe as mp
+    except ImportError as err:
+        raise SystemExit(f"extract needs mediapipe 0.10.14 in its own environment ({err}); see this "
+                         "script's docstring") from None
     if not hasattr(mp, "solutions"):
         raise SystemExit(f"mediapipe {mp.__version__} has no bundled face mesh: install mediapipe==0.10.14")
     landmarks = np.full((len(pixels), N_LANDMARKS, 3), np.nan, dtype=np.float32)
@@ -146,12 +156,17 @@ def score(args: argparse.Namespace) -> None:
     import ensemble_fer4  # the predictions reader, fold scores and paired difference
     import pandas as pd
 
-    pixels = np.load(Path(args.data) / "pixels.npy", mmap_mode="r")
-    saved = np.load(args.landmarks)
+    canonical = "--data is the canonical dataset folder (study.prepare) the predictions were made on"
+    pixels = np.load(need_file(Path(args.data) / "pixels.npy", canonical), mmap_mode="r")
+    saved = np.load(need_file(Path(args.landmarks), "--landmarks is a file written by extract"))
+    if not {"landmarks", "pixels_sha256", "size", "mediapipe"} <= set(saved.files):
+        raise SystemExit(f"{args.landmarks}: not a landmarks file of extract (it holds {saved.files})")
     if str(saved["pixels_sha256"]) != pixels_fingerprint(pixels):
         raise SystemExit(f"{args.landmarks}: its landmarks were extracted from other images than "
                          f"{args.data}/pixels.npy; run extract on that dataset")
-    manifest = pd.read_parquet(Path(args.data) / "manifest.parquet")
+    manifest = pd.read_parquet(need_file(Path(args.data) / "manifest.parquet", canonical))
+    for path in args.predictions:
+        need_file(Path(path), "give predictions.parquet files of k-fold runs")
     row = pd.Series(np.arange(len(manifest)), index=manifest["image_id"])
     frame = ensemble_fer4.load(args.predictions)
     classes = sorted(c.removeprefix("p_") for c in frame.columns if c.startswith("p_"))

@@ -143,3 +143,19 @@ def test_gender_gap_per_fold_is_male_minus_female_accuracy():
         acc = {g: right[(rows["fold"] == fold) & (rows["gender"] == g)].mean() for g in ("Male", "Female")}
         assert gaps[fold] == pytest.approx(acc["Male"] - acc["Female"])
     assert landmarks.gender_gaps(rows.drop(columns="gender"), CLASSES) is None
+
+
+def test_score_names_a_missing_or_foreign_file(tmp_path, monkeypatch):
+    np.save(tmp_path / "pixels.npy", np.zeros((2, 8, 8), dtype=np.uint8))
+    pd.DataFrame({"image_id": ["a", "b"], "label": CLASSES[:2]}).to_parquet(tmp_path / "manifest.parquet")
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+
+    def run(landmarks_file, predictions):
+        monkeypatch.setattr(sys, "argv", ["landmarks_fer4.py", "score", "--data", str(tmp_path),
+                                          "--landmarks", str(landmarks_file), str(predictions)])
+        with pytest.raises(SystemExit) as err:
+            landmarks.main()
+        return str(err.value)
+
+    assert "missing.npz: no such file" in run(tmp_path / "missing.npz", tmp_path / "p.parquet")
+    assert "other.npz: not a landmarks file" in run(tmp_path / "other.npz", tmp_path / "p.parquet")
