@@ -22,7 +22,8 @@ here. It works in two steps, in two Python environments:
    fold's training images; its C chosen by a 3-fold search inside them), predicts the test fold, and
    averages those class probabilities with the CNN's, equal weights. It prints, per architecture, the
    CNN alone, the landmarks alone and the average: macro-F1 per fold, mean ± std and the paired
-   difference to the CNN with its 95% t interval::
+   difference to the CNN with its 95% t interval, and each row's gender gap. With several architectures
+   (or seeds, named apart as ``NAME=PATH``) it also compares their average with and without landmarks::
 
        python benchmarks/landmarks_fer4.py score --data data/fer4 --landmarks data/fer4-mesh.npz
            results/kfold-fer4/main/predictions.parquet   # one command line
@@ -43,6 +44,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ensemble_fer4, imported where needed
 
 N_LANDMARKS = 468  # face mesh without iris refinement
 EYE_CORNERS = (33, 263)  # the outer corners of the two eyes in MediaPipe's face-mesh numbering
@@ -151,9 +154,36 @@ def gender_gaps(rows, classes: list[str]):
                       for fold in sorted(rows["fold"].unique())})
 
 
+def load_predictions(specs: list[str]):
+    """The predictions of ``[NAME=]PATH`` arguments; ``NAME`` renames the one architecture of ``PATH``.
+
+    Each file is read as ``benchmarks/ensemble_fer4.py`` reads it (its lowest seed, unbiased and
+    unmitigated runs of a sweep), so runs of one architecture with other seeds can be told apart by name.
+    """
+    import ensemble_fer4
+    import pandas as pd
+
+    frames = []
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).is_file() else ("", "", spec)
+        need_file(Path(path), "give predictions.parquet files of k-fold runs")
+        frame = ensemble_fer4.load([path])
+        if name:
+            if frame["arch"].nunique() != 1:
+                raise SystemExit(f"{spec}: a name renames one architecture; {path} holds "
+                                 f"{sorted(frame['arch'].unique())}")
+            frame = frame.assign(arch=name)
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True)
+    dup = frame.duplicated(["arch", "fold", "image_id"])
+    if dup.any():
+        raise SystemExit(f"{int(dup.sum())} images are given twice for one architecture: name the runs "
+                         "of one architecture apart (NAME=PATH)")
+    return frame
+
+
 def score(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import ensemble_fer4  # the predictions reader, fold scores and paired difference
+    import ensemble_fer4  # the fold scores and the paired difference
     import pandas as pd
 
     canonical = "--data is the canonical dataset folder (study.prepare) the predictions were made on"
@@ -165,10 +195,8 @@ def score(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.landmarks}: its landmarks were extracted from other images than "
                          f"{args.data}/pixels.npy; run extract on that dataset")
     manifest = pd.read_parquet(need_file(Path(args.data) / "manifest.parquet", canonical))
-    for path in args.predictions:
-        need_file(Path(path), "give predictions.parquet files of k-fold runs")
     row = pd.Series(np.arange(len(manifest)), index=manifest["image_id"])
-    frame = ensemble_fer4.load(args.predictions)
+    frame = load_predictions(args.predictions)
     classes = sorted(c.removeprefix("p_") for c in frame.columns if c.startswith("p_"))
     cols = [f"p_{c}" for c in classes]
     unknown = ~frame["image_id"].isin(row.index)
@@ -230,7 +258,8 @@ def main() -> None:
     sc.add_argument("--data", required=True, help="the canonical dataset the predictions were made on")
     sc.add_argument("--landmarks", required=True, help="file written by extract")
     sc.add_argument("--dims", type=int, choices=(2, 3), default=2, help="landmark coordinates used")
-    sc.add_argument("predictions", nargs="+", help="predictions.parquet of k-fold runs")
+    sc.add_argument("predictions", nargs="+", metavar="[NAME=]PREDICTIONS",
+                    help="predictions.parquet of k-fold runs; NAME= renames its architecture (seeds apart)")
     args = p.parse_args()
     if args.command == "extract":
         extract(args.data, args.out, args.size)

@@ -159,3 +159,15 @@ def test_score_names_a_missing_or_foreign_file(tmp_path, monkeypatch):
 
     assert "missing.npz: no such file" in run(tmp_path / "missing.npz", tmp_path / "p.parquet")
     assert "other.npz: not a landmarks file" in run(tmp_path / "other.npz", tmp_path / "p.parquet")
+
+
+def test_runs_of_one_architecture_are_told_apart_by_name(tmp_path):
+    rows = {"arch": "main", "fold": [0, 1], "image_id": ["a", "b"], "y_true": CLASSES[:2],
+            **{f"p_{c}": 0.25 for c in CLASSES}}
+    pd.DataFrame({**rows, "seed": 0}).to_parquet(tmp_path / "s0.parquet")
+    pd.DataFrame({**rows, "seed": 1}).to_parquet(tmp_path / "s1.parquet")
+    frame = landmarks.load_predictions([f"seed0={tmp_path / 's0.parquet'}",
+                                        f"seed1={tmp_path / 's1.parquet'}"])
+    assert sorted(frame["arch"].unique()) == ["seed0", "seed1"] and len(frame) == 4
+    with pytest.raises(SystemExit, match="given twice"):
+        landmarks.load_predictions([str(tmp_path / "s0.parquet"), str(tmp_path / "s1.parquet")])
