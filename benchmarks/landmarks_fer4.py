@@ -186,16 +186,20 @@ def score(args: argparse.Namespace) -> None:
     import ensemble_fer4  # the fold scores and the paired difference
     import pandas as pd
 
-    canonical = "--data is the canonical dataset folder (study.prepare) the predictions were made on"
-    pixels = np.load(need_file(Path(args.data) / "pixels.npy", canonical), mmap_mode="r")
+    from fer_core.data import load_dataset
+
+    try:
+        dataset = load_dataset(args.data)  # memory-mapped pixels and the manifest
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+    pixels = dataset.pixels
     saved = np.load(need_file(Path(args.landmarks), "--landmarks is a file written by extract"))
     if not {"landmarks", "pixels_sha256", "size", "mediapipe"} <= set(saved.files):
         raise SystemExit(f"{args.landmarks}: not a landmarks file of extract (it holds {saved.files})")
     if str(saved["pixels_sha256"]) != pixels_fingerprint(pixels):
         raise SystemExit(f"{args.landmarks}: its landmarks were extracted from other images than "
                          f"{args.data}/pixels.npy; run extract on that dataset")
-    manifest = pd.read_parquet(need_file(Path(args.data) / "manifest.parquet", canonical))
-    row = pd.Series(np.arange(len(manifest)), index=manifest["image_id"])
+    row = pd.Series(np.arange(len(dataset.manifest)), index=dataset.manifest["image_id"])
     frame = load_predictions(args.predictions)
     classes = sorted(c.removeprefix("p_") for c in frame.columns if c.startswith("p_"))
     cols = [f"p_{c}" for c in classes]
@@ -224,6 +228,7 @@ def score(args: argparse.Namespace) -> None:
         fused.append(both)
         table = pd.concat([part, alone, both], ignore_index=True)
         cnn = ensemble_fer4.fold_scores(table, (arch,), classes)
+        base_gaps = gender_gaps(part, classes)
         for name in (arch, f"{arch} landmarks", f"{arch} + landmarks"):
             f1 = ensemble_fer4.fold_scores(table, (name,), classes)
             line = (f"{name:22s} per fold {np.round(f1.to_numpy(), 4).tolist()}  "
@@ -234,7 +239,6 @@ def score(args: argparse.Namespace) -> None:
             if gaps is not None:
                 line += f"; gender gap (Male - Female accuracy) {100 * gaps.mean():+.1f} points"
                 if name != arch:
-                    base_gaps = gender_gaps(part, classes)
                     line += f", its change {ensemble_fer4.paired_difference(gaps, base_gaps)}"
             print(line, flush=True)
     archs = sorted(frame["arch"].unique())
