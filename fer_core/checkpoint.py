@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fer_core import __version__
+from fer_core.landmarks import MESH_SHA256, LandmarkHead
 from fer_core.models import create_model
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class SavedModel:
     mean: float
     std: float
     config: dict
+    landmarks: LandmarkHead | None = None  # the face-mesh landmark model averaged in (landmark_weight > 0)
 
     @property
     def input_norm(self) -> str:
@@ -50,8 +52,9 @@ class SavedModel:
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, classes: tuple[str, ...],
-               input_size: tuple[int, int], mean: float, std: float, config: dict | None = None) -> Path:
-    """Write the model file atomically (temporary name, then rename)."""
+               input_size: tuple[int, int], mean: float, std: float, config: dict | None = None,
+               landmarks: LandmarkHead | None = None) -> Path:
+    """Write the model file atomically (temporary name, then rename); ``landmarks`` is stored beside."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -65,6 +68,9 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, classes:
         "config": dict(config or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    if landmarks is not None:  # with the mesh's fingerprint: its features mean nothing to another mesh
+        payload["landmarks"] = {"weight": landmarks.weight, "mesh_sha256": MESH_SHA256,
+                                **{k: v.detach().cpu() for k, v in landmarks.state_dict().items()}}
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -92,7 +98,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> S
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
     return SavedModel(model, payload["arch"], tuple(payload["classes"]), tuple(payload["input_size"]),
-                      payload["mean"], payload["std"], config)
+                      payload["mean"], payload["std"], config, _landmark_head(path, payload))
+
+
+def _landmark_head(path: str | os.PathLike, payload: dict) -> LandmarkHead | None:
+    saved = payload.get("landmarks")
+    if saved is None:
+        return None
+    if saved["mesh_sha256"] != MESH_SHA256:
+        raise ValueError(f"{path}: its landmark model was fitted on the face mesh {saved['mesh_sha256']}, "
+                         f"and this version of the tool runs {MESH_SHA256}; refit it with this version")
+    head = LandmarkHead(saved["coef"].shape[1], saved["coef"].shape[0], saved["weight"])
+    head.load_state_dict({k: saved[k] for k in ("center", "scale", "coef", "intercept")})
+    return head
 
 
 def load_weights_into(model: nn.Module, path: str | os.PathLike, *, arch: str, width: float) -> list[str]:

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from fer_core import __version__
 from fer_core.checkpoint import load_model
 from fer_core.config import SplitConfig, TrainConfig, config_hash, to_dict
 from fer_core.data import FaceDataset
+from fer_core.landmarks import fit_landmark_head, landmark_features
 from fer_core.metrics import classification_metrics, confusion
 from fer_core.splits import carve_validation, kfold_splits
-from fer_core.training import EpochCallback, FitResult, evaluate, fit, predict_proba, to_tensor
+from fer_core.training import EpochCallback, FitResult, evaluate, fit, predict_saved, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ def teacher_targets(ds: FaceDataset, cfg: TrainConfig, fold: int | None, test_id
             saved = load_model(path)
             if saved.classes != tuple(ds.classes):
                 raise ValueError(_TEACHER_CLASSES.format(folder, list(saved.classes), list(ds.classes)))
-            x = to_tensor(ds.pixels[fit_idx], saved.mean, saved.std, torch.device("cpu"), saved.input_norm)
-            probs.append(predict_proba(saved.model, x))
+            ids = ds.manifest["image_id"].to_numpy()[fit_idx]
+            probs.append(predict_saved(saved, ds.pixels[fit_idx], ids))
     return np.mean(probs, axis=0)
 
 
@@ -118,9 +118,24 @@ def train_on_split(cfg: TrainConfig, ds: FaceDataset, train_idx: np.ndarray, tes
     result = fit(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
                  len(ds.classes), train_groups=train_groups(ds, fit_idx, cfg),
                  soft_targets=teacher_targets(ds, cfg, fold, test_idx, fit_idx), on_epoch_end=on_epoch_end)
+    attach_landmarks(result, cfg, ds, np.concatenate([fit_idx, val_idx]))
     run = score_fold(ds, test_idx, result, fold)
     run.metrics["n_fit"] = len(fit_idx)
     return run
+
+
+def attach_landmarks(result: FitResult, cfg: TrainConfig, ds: FaceDataset, rows: np.ndarray) -> None:
+    """With ``landmark_weight`` > 0, fit the face-mesh landmark model on ``rows`` (training images only).
+
+    The CNN's validation images are among ``rows``: they choose its early-stopping epoch, and the landmark
+    model, which has no epochs, chooses its regularisation by a 3-fold search inside ``rows``.
+    """
+    if cfg.landmark_weight <= 0:
+        return
+    rows = np.asarray(rows)
+    features = landmark_features(ds.pixels[rows], ds.manifest["image_id"].to_numpy()[rows])
+    result.landmarks = fit_landmark_head(features, ds.labels[rows], len(ds.classes), cfg.landmark_weight,
+                                         seed=cfg.seed)
 
 
 def score_fold(ds: FaceDataset, test_idx: np.ndarray, result: FitResult, fold: int) -> FoldRun:
@@ -129,6 +144,9 @@ def score_fold(ds: FaceDataset, test_idx: np.ndarray, result: FitResult, fold: i
     x_test = to_tensor(ds.pixels[test_idx], result.mean, result.std, device, result.input_norm)
     y_test = ds.labels[test_idx]
     probs = evaluate(result.model, x_test, y_test, len(ds.classes))["probs"]
+    if result.landmarks is not None:
+        probs = result.landmarks.blend(probs, landmark_features(ds.pixels[test_idx],
+                                                                ds.manifest["image_id"].to_numpy()[test_idx]))
     y_pred = probs.argmax(1)
     metrics = classification_metrics(y_test, y_pred, ds.classes)
     metrics.update(fold=fold, best_epoch=result.best_epoch, epochs_run=len(result.history),

@@ -43,9 +43,10 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms.v2 import functional as TF
 
-from fer_core.checkpoint import load_weights_into
+from fer_core.checkpoint import SavedModel, load_weights_into
 from fer_core.config import TrainConfig
 from fer_core.fairness import accuracy_gap
+from fer_core.landmarks import LandmarkHead, landmark_features
 from fer_core.metrics import macro_f1
 from fer_core.models import Adversary, GroupHeads, create_model
 
@@ -194,6 +195,7 @@ class FitResult:
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     input_norm: str = "dataset"
+    landmarks: LandmarkHead | None = None  # fitted after training when ``landmark_weight`` > 0
 
 
 def group_cells(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
@@ -610,6 +612,18 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256, flip
             probs = (probs + F.softmax(model(xb.flip(-1)).float(), dim=1)) / 2
         out.append(probs.cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.num_classes))
+
+
+def predict_saved(saved: SavedModel, pixels: np.ndarray, image_ids: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities of a saved model for raw (N, H, W) pixels, its landmark model averaged in.
+
+    ``image_ids`` (content hashes) let the face-mesh landmarks of an image be computed once per process.
+    """
+    device = next(saved.model.parameters()).device
+    probs = predict_proba(saved.model, to_tensor(pixels, saved.mean, saved.std, device, saved.input_norm))
+    if saved.landmarks is not None:
+        probs = saved.landmarks.blend(probs, landmark_features(pixels, image_ids))
+    return probs
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray, num_classes: int,

@@ -139,7 +139,8 @@ def run_one(ds: FaceDataset, task: RunTask) -> tuple[pd.DataFrame, dict, dict]:
             "macro_f1": run.metrics["macro_f1"], "gap": signed_gap(preds, spec.bias.attr, spec.bias.group),
             "best_epoch": run.metrics["best_epoch"], "epochs_run": run.metrics["epochs_run"],
             "seconds": time.perf_counter() - start}
-    trained = {"model": run.result.model.cpu(), "mean": run.result.mean, "std": run.result.std}
+    trained = {"model": run.result.model.cpu(), "mean": run.result.mean, "std": run.result.std,
+               "landmarks": run.result.landmarks}
     return preds, info, trained
 
 
@@ -201,7 +202,8 @@ def save_run_model(out: Path, spec: RunSpec, trained: dict, ds: FaceDataset, spl
     config = {**to_dict(spec.cfg), "bias": to_dict(spec.bias), "fold": spec.fold, "split_seed": split_seed,
               "run_id": spec.run_id, "config_hash": spec.config_hash}
     return save_model(model_file(out, spec), trained["model"], arch=spec.arch, classes=ds.classes,
-                      input_size=ds.image_size, mean=trained["mean"], std=trained["std"], config=config)
+                      input_size=ds.image_size, mean=trained["mean"], std=trained["std"], config=config,
+                      landmarks=trained["landmarks"])
 
 
 def save_run(out: Path, spec: RunSpec, preds: pd.DataFrame, info: dict) -> None:

@@ -27,11 +27,11 @@ from sklearn.metrics import f1_score
 
 from fer_core.checkpoint import SavedModel, load_model
 from fer_core.config import parse_overrides
-from fer_core.data import load_dataset
+from fer_core.data import image_id, load_dataset
 from fer_core.dataset_spec import IMAGE_FITS
 from fer_core.importer import BadImage, read_gray, to_square
 from fer_core.metrics import classification_metrics, confusion
-from fer_core.training import predict_proba, to_tensor
+from fer_core.training import predict_saved
 from study.common import make_run_dir, run_cli, setup_logging, write_table
 
 logger = logging.getLogger(__name__)
@@ -137,10 +137,8 @@ def load_models(paths: list[str]) -> list[SavedModel]:
 
 def predict(models: list[SavedModel], pixels: np.ndarray, frame: pd.DataFrame) -> pd.DataFrame:
     """Add ``y_pred``, ``confidence`` and ``p_<class>`` columns to ``frame`` (probabilities averaged)."""
-    probs = np.mean([predict_proba(saved.model, to_tensor(pixels, saved.mean, saved.std,
-                                                          next(saved.model.parameters()).device,
-                                                          saved.input_norm))
-                     for saved in models], axis=0)
+    ids = np.array([image_id(p) for p in pixels])  # content hashes: face-mesh landmarks once per image
+    probs = np.mean([predict_saved(saved, pixels, ids) for saved in models], axis=0)
     saved = models[0]
     out = frame.copy()
     out["y_pred"] = np.asarray(saved.classes)[probs.argmax(1)]

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         save_model(out / "models" / f"fold{run.fold}.pt", run.result.model, arch=train.arch,
                    classes=ds.classes, input_size=ds.image_size, mean=run.result.mean,
-                   std=run.result.std, config=to_dict(train))
+                   std=run.result.std, config=to_dict(train), landmarks=run.result.landmarks)
     meta = {"config_hash": folds["config_hash"].iloc[0]}
     write_table(folds, out / "folds.parquet", **meta)
     write_table(preds, out / "predictions.parquet", **meta)

@@ -26,7 +26,7 @@ import ray
 import torch
 from ray import tune
 
-from fer_core.crossval import score_fold, split_validation, teacher_targets, train_groups
+from fer_core.crossval import attach_landmarks, score_fold, split_validation, teacher_targets, train_groups
 from fer_core.data import FaceDataset
 from fer_core.fairness import group_gap
 from fer_core.splits import kfold_splits
@@ -80,8 +80,13 @@ def step_report(trainers: list[Trainer]) -> dict[str, float]:
 def final_scores(exp: ExperimentConfig, ds: FaceDataset, trainers: list[Trainer],
                  tests: list[np.ndarray]) -> dict[str, float]:
     """Score each fold's best model once on its test fold: k-fold mean and std (``cv_*``)."""
-    runs = [score_fold(ds, test_idx, tr.result(), fold) for fold, (tr, test_idx) in
-            enumerate(zip(trainers, tests, strict=True))]
+    cfg = trainers[0].cfg
+    runs = []
+    for fold, (tr, test_idx) in enumerate(zip(trainers, tests, strict=True)):
+        result = tr.result()
+        # k folds cover every row once: a fold's training rows (fit and validation) are all the others
+        attach_landmarks(result, cfg, ds, np.setdiff1d(np.arange(len(ds)), test_idx))
+        runs.append(score_fold(ds, test_idx, result, fold))
     out: dict[str, float] = {}
     for key in ("accuracy", "macro_f1"):
         values = [r.metrics[key] for r in runs]

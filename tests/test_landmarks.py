@@ -1,0 +1,218 @@
+"""The face-mesh landmark model averaged into the CNN's probabilities (``landmark_weight``)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fer_core.crossval as crossval
+import fer_core.landmarks as landmarks
+from fer_core.checkpoint import load_model, save_model
+from fer_core.config import SplitConfig, TrainConfig
+from fer_core.training import predict_saved
+from tests.helpers import bar_dataset
+
+FER4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer4"
+
+
+class BarMesh:
+    """A stand-in for the face mesh: 468 'landmarks' that follow the brightness of each image row.
+
+    The bar images of the tests encode their class in the row of a bright bar, so these points carry the
+    class, as a real face's geometry carries its expression; no model file is needed.
+    """
+
+    calls = 0
+
+    def __call__(self, pixels):
+        BarMesh.calls += len(pixels)
+        rows = np.asarray(pixels, dtype=np.float64).mean(axis=2)  # (N, H)
+        rows = np.repeat(rows, -(-landmarks.N_LANDMARKS // rows.shape[1]), axis=1)[:, :landmarks.N_LANDMARKS]
+        points = np.zeros((len(pixels), landmarks.N_LANDMARKS, 3))
+        points[:, :, 0] = np.arange(landmarks.N_LANDMARKS) + rows / 50.0
+        points[:, :, 1] = np.sin(np.arange(landmarks.N_LANDMARKS)) + rows / 70.0
+        return points
+
+
+@pytest.fixture
+def bar_mesh(monkeypatch):
+    monkeypatch.setattr(landmarks, "FaceMesh", BarMesh)
+    monkeypatch.setattr(landmarks, "_FEATURES", {})
+    BarMesh.calls = 0
+    return BarMesh
+
+
+def _features_and_labels(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    features = rng.normal(size=(n, 10)) + labels[:, None] * rng.normal(size=10)
+    return features, labels
+
+
+def test_head_predicts_as_the_sklearn_model_it_was_fitted_from():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels = _features_and_labels()
+    head = landmarks.fit_landmark_head(features, labels, 4, weight=0.5, seed=3)
+    search = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)),
+                          {"logisticregression__C": [0.01, 0.1, 1.0]}, scoring="f1_macro",
+                          cv=StratifiedKFold(3, shuffle=True, random_state=3)).fit(features, labels)
+    new = np.random.default_rng(1).normal(size=(7, 10))
+    np.testing.assert_allclose(head.predict_proba(new), search.predict_proba(new), atol=1e-9)
+    cnn = np.full((7, 4), 0.25)
+    np.testing.assert_allclose(head.blend(cnn, new), 0.5 * cnn + 0.5 * search.predict_proba(new), atol=1e-9)
+
+
+@pytest.mark.parametrize("present", [[0, 2], [0, 1, 3]])
+def test_a_class_absent_from_training_is_never_predicted(present):
+    features, labels = _features_and_labels()
+    keep = np.isin(labels, present)
+    head = landmarks.fit_landmark_head(features[keep], labels[keep], 4, weight=1.0)
+    probs = head.predict_proba(features)
+    absent = [c for c in range(4) if c not in present]
+    assert np.all(probs[:, absent] == 0)
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    # the present classes are told apart as on the fitted images
+    assert (probs.argmax(1)[keep] == labels[keep]).mean() > 0.9
+
+
+def test_one_class_is_refused():
+    features, labels = _features_and_labels()
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        landmarks.fit_landmark_head(features[labels == 1], labels[labels == 1], 4, weight=0.5)
+
+
+def test_landmark_weight_out_of_range_names_the_key():
+    with pytest.raises(ValueError, match="landmark_weight"):
+        TrainConfig(landmark_weight=1.5)
+
+
+def test_test_fold_never_reaches_the_landmark_model(bar_mesh, monkeypatch):
+    ds = bar_dataset(60)
+    fitted = []
+    real = crossval.fit_landmark_head
+
+    def spy(features, labels, *args, **kwargs):
+        fitted.append({tuple(np.round(row, 9)) for row in features})
+        return real(features, labels, *args, **kwargs)
+
+    monkeypatch.setattr(crossval, "fit_landmark_head", spy)
+    cfg = TrainConfig(epochs=1, batch_size=16, landmark_weight=0.5)
+    _, preds, runs = crossval.run_kfold(cfg, SplitConfig(k=3), ds)
+    features = landmarks.normalise(BarMesh()(ds.pixels))
+    row_of = {image: i for i, image in enumerate(ds.manifest["image_id"])}
+    for fold, seen in enumerate(fitted):
+        tested = preds.loc[preds["fold"] == fold, "image_id"].map(row_of)
+        assert len(tested) and not {tuple(np.round(features[i], 9)) for i in tested} & seen
+        assert len(seen) == len(ds) - len(tested)  # every other image, validation ones included
+        assert runs[fold].result.landmarks is not None
+
+
+def test_predictions_are_the_weighted_average_of_cnn_and_landmarks(bar_mesh):
+    ds = bar_dataset(60)
+    cfg = TrainConfig(epochs=1, batch_size=16, landmark_weight=0.3)
+    _, preds, runs = crossval.run_kfold(cfg, SplitConfig(k=3), ds)
+    cols = [f"p_{c}" for c in ds.classes]
+    for run in runs:
+        rows = preds["fold"] == run.fold
+        idx = ds.manifest.reset_index().set_index("image_id").loc[preds.loc[rows, "image_id"], "index"]
+        pixels = ds.pixels[idx.to_numpy()]
+        head, run.result.landmarks = run.result.landmarks, None
+        saved_free = crossval.score_fold(ds, idx.to_numpy(), run.result, run.fold)  # the CNN alone
+        cnn = saved_free.predictions[cols].to_numpy(np.float64)
+        mesh = head.predict_proba(landmarks.normalise(BarMesh()(pixels)))
+        np.testing.assert_allclose(preds.loc[rows, cols].to_numpy(np.float64), 0.7 * cnn + 0.3 * mesh,
+                                   atol=1e-5)
+
+
+def test_saved_model_keeps_its_landmark_model(bar_mesh, tmp_path):
+    ds = bar_dataset(60)
+    cfg = TrainConfig(epochs=1, batch_size=16, landmark_weight=0.5)
+    _, preds, runs = crossval.run_kfold(cfg, SplitConfig(k=3), ds)
+    run = runs[0]
+    path = save_model(tmp_path / "m.pt", run.result.model, arch="main", classes=ds.classes,
+                      input_size=ds.image_size, mean=run.result.mean, std=run.result.std,
+                      landmarks=run.result.landmarks)
+    raw = torch.load(path, weights_only=True)  # tensors and plain values only
+    assert raw["landmarks"]["mesh_sha256"] == landmarks.MESH_SHA256
+    saved = load_model(path)
+    assert saved.landmarks.weight == 0.5
+    rows = (preds["fold"] == 0).to_numpy()
+    idx = ds.manifest.reset_index().set_index("image_id").loc[preds.loc[rows, "image_id"], "index"].to_numpy()
+    probs = predict_saved(saved, ds.pixels[idx])
+    np.testing.assert_allclose(probs, preds.loc[rows, [f"p_{c}" for c in ds.classes]].to_numpy(), atol=1e-5)
+    # a file fitted on another face mesh is refused, naming the file
+    raw["landmarks"]["mesh_sha256"] = "0" * 64
+    torch.save(raw, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt.*refit"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_landmarks_are_computed_once_per_image(bar_mesh):
+    ds = bar_dataset(20)
+    ids = ds.manifest["image_id"].to_numpy()
+    first = landmarks.landmark_features(ds.pixels, ids)
+    again = landmarks.landmark_features(ds.pixels[::-1], ids[::-1])
+    assert BarMesh.calls == 20
+    np.testing.assert_array_equal(again, first[::-1])
+
+
+def test_missing_model_file_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(landmarks.ENV_VAR, str(tmp_path / "none.tflite"))
+    with pytest.raises(FileNotFoundError, match="study.landmarks fetch"):
+        landmarks.check_mesh_model()
+    (tmp_path / "none.tflite").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="sha256"):
+        landmarks.check_mesh_model()
+    done = subprocess.run([sys.executable, "-m", "study.landmarks", "check"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and "none.tflite" in done.stderr and "sha256" in done.stderr
+
+
+@pytest.mark.realdata
+def test_the_face_mesh_places_eyes_nose_and_mouth_on_fer4_faces():
+    if not (FER4 / "Data").is_dir():
+        pytest.skip(f"{FER4}: absent (the realdata tests expect ../shared/data/fer4 beside the repository)")
+    try:
+        landmarks.check_mesh_model()
+    except (FileNotFoundError, ValueError) as err:
+        pytest.skip(f"no face-mesh model ({err})")
+    from PIL import Image
+
+    every = sorted((FER4 / "Data").rglob("*.png"))
+    files = every[:: len(every) // 100][:100]  # every class folder, evenly
+    pixels = np.stack([np.asarray(Image.open(f).convert("L").resize((48, 48))) for f in files])
+    points = landmarks.FaceMesh()(pixels)
+    right_eye, left_eye, nose, mouth = points[:, 33], points[:, 263], points[:, 1], points[:, 13]
+    # the subject's right eye is on the image's left; the nose between the eyes; the mouth below both
+    ordered = ((right_eye[:, 0] < nose[:, 0]) & (nose[:, 0] < left_eye[:, 0])
+               & (mouth[:, 1] > right_eye[:, 1]) & (mouth[:, 1] > left_eye[:, 1]))
+    assert ordered.mean() >= 0.95, f"{(~ordered).sum()} of {len(files)} faces out of order"
+    # a face moved inside its image moves its landmarks with it
+    shifted = np.roll(pixels, 3, axis=2)
+    moved = landmarks.FaceMesh()(shifted)
+    dx = np.median(moved[:, :, 0] - points[:, :, 0])
+    assert abs(dx * 48 - 3) < 1.0
+
+
+def test_tune_trials_fit_the_landmark_model_without_their_test_folds(bar_mesh, monkeypatch):
+    from study.experiment import load_experiment
+    from study.trainable import final_scores, make_trainers, step_report
+
+    ds = bar_dataset(48)
+    exp = load_experiment(None, ["split.k=3", "train.epochs=1", "train.batch_size=8"])
+    trainers, tests = make_trainers(exp, ds, {"arch": "main", "landmark_weight": 0.5})
+    step_report(trainers)
+    fitted = []
+    real = crossval.fit_landmark_head
+    monkeypatch.setattr(crossval, "fit_landmark_head",
+                        lambda features, *a, **k: fitted.append(len(features)) or real(features, *a, **k))
+    scores = final_scores(exp, ds, trainers, tests)
+    assert fitted == [len(ds) - len(test) for test in tests]
+    assert 0 <= scores["cv_macro_f1"] <= 1
