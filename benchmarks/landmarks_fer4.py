@@ -5,21 +5,20 @@ Every recipe probe of ``study.tune``'s CNNs stopped near macro-F1 0.82 on fer4's
 face mesh, a model Google built for effects on phone-camera faces. Its publications do not name FER-2013
 (from which fer4's images are sampled) among its training data, unlike the expression models of pip
 packages, which are trained on FER-2013 and have seen fer4's test images; this cannot be checked from
-here. It works in two steps, in two Python environments:
+here. The tool itself averages the landmark model in with ``landmark_weight`` (``fer_core.landmarks``);
+this script measures it beside saved CNN predictions, without training again, in two steps:
 
-1. ``extract`` runs the face mesh on every image of a canonical dataset (upscaled to ``--size`` pixels,
-   default 192, the mesh's input size) and writes the landmarks, NaN where no face was found, with a
-   fingerprint of the dataset's pixels. It needs ``mediapipe==0.10.14``, the last release whose wheel
-   carries the face-mesh model (newer ones download models at run time), in an environment of its own:
-   that release needs ``protobuf<5`` and the project's tensorboard needs ``protobuf>=6.31``::
+1. ``extract`` runs the tool's face mesh (``fer_core.landmarks.FaceMesh``; get the model file once with
+   ``python -m study.landmarks fetch``) on every image of a canonical dataset and writes the landmarks
+   with a fingerprint of the dataset's pixels::
 
-       python3 -m venv .venv-mp && .venv-mp/bin/pip install mediapipe==0.10.14
-       .venv-mp/bin/python benchmarks/landmarks_fer4.py extract --data data/fer4 --out data/fer4-mesh.npz
+       python benchmarks/landmarks_fer4.py extract --data data/fer4 --out data/fer4-mesh.npz
 
-2. ``score`` (the project's environment) reads test predictions of k folds (``predictions.parquet`` of
+2. ``score`` reads test predictions of k folds (``predictions.parquet`` of
    ``benchmarks/kfold_fer4.py --out``, ``study.kfold`` or a bias sweep, as ``benchmarks/ensemble_fer4.py``)
    and, fold by fold, fits a logistic regression on the landmarks of the images of the *other* folds (the
-   fold's training images; its C chosen by a 3-fold search inside them), predicts the test fold, and
+   fold's training images; its C chosen by a 3-fold search inside them; the tool's own landmark model,
+   ``fer_core.landmarks.fit_landmark_head``), predicts the test fold, and
    averages those class probabilities with the CNN's, equal weights. It prints, per architecture, the
    CNN alone, the landmarks alone and the average: macro-F1 per fold, mean ± std and the paired
    difference to the CNN with its 95% t interval, and each row's gender gap. With several architectures
@@ -28,8 +27,9 @@ here. It works in two steps, in two Python environments:
        python benchmarks/landmarks_fer4.py score --data data/fer4 --landmarks data/fer4-mesh.npz
            results/kfold-fer4/main/predictions.parquet   # one command line
 
-   A test image with no face found gets the training images' class shares from the landmark side, so
-   the average is mostly the CNN's decision (nudged towards the common classes). The landmarks are
+   Files written by stop 24's ``extract``, which ran MediaPipe's own pipeline (``mediapipe==0.10.14``
+   in a second environment), are read too; there, a test image with no face found gets the training
+   images' class shares from the landmark side. The landmarks are
    normalised per face: centred, turned so the line between the outer eye corners is level, and scaled
    to unit spread; only x and y are used (``--dims 3`` adds the mesh's depth estimate).
 
@@ -47,8 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ensemble_fer4, imported where needed
 
-N_LANDMARKS = 468  # face mesh without iris refinement
-EYE_CORNERS = (33, 263)  # the outer corners of the two eyes in MediaPipe's face-mesh numbering
+from fer_core.landmarks import EYE_CORNERS, N_LANDMARKS, normalise  # noqa: E402,F401  (tests use them)
 
 
 def pixels_fingerprint(pixels: np.ndarray) -> str:
@@ -65,75 +64,40 @@ def need_file(path: Path, what: str) -> Path:
     return Path(path)
 
 
-def extract(data: Path, out: Path, size: int) -> None:
+def extract(data: Path, out: Path) -> None:
     """Face-mesh landmarks of every image of ``data/pixels.npy`` (row order kept) to ``out`` (.npz)."""
+    from fer_core.landmarks import MESH_SHA256, FaceMesh
+
     pixels = np.load(need_file(data / "pixels.npy", "--data is a canonical dataset folder (study.prepare)"))
     try:
-        import cv2
-        import mediapipe as mp
-    except ImportError as err:
-        raise SystemExit(f"extract needs mediapipe 0.10.14 in its own environment ({err}); see this "
-                         "script's docstring") from None
-    if not hasattr(mp, "solutions"):
-        raise SystemExit(f"mediapipe {mp.__version__} has no bundled face mesh: install mediapipe==0.10.14")
-    landmarks = np.full((len(pixels), N_LANDMARKS, 3), np.nan, dtype=np.float32)
-    with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
-                                         min_detection_confidence=0.1) as mesh:
-        for i, image in enumerate(pixels):
-            big = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
-            found = mesh.process(cv2.cvtColor(big, cv2.COLOR_GRAY2RGB)).multi_face_landmarks
-            if found:
-                landmarks[i] = [(p.x, p.y, p.z) for p in found[0].landmark]
-    missing = int(np.isnan(landmarks[:, 0, 0]).sum())
+        mesh = FaceMesh()
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    landmarks = mesh(pixels)
     np.savez_compressed(out, landmarks=landmarks, pixels_sha256=pixels_fingerprint(pixels),
-                        size=size, mediapipe=mp.__version__)
-    print(f"{out}: landmarks of {len(pixels) - missing} of {len(pixels)} images; no face found in {missing}")
-
-
-def normalise(landmarks: np.ndarray, dims: int = 2) -> np.ndarray:
-    """Flat per-face features, invariant to the face's position, in-plane rotation and size.
-
-    ``landmarks`` is (N, 468, 3) in image coordinates; rows of NaN (no face) stay NaN.
-    """
-    points = np.asarray(landmarks, dtype=np.float64)[:, :, :dims].copy()
-    points -= points.mean(axis=1, keepdims=True)
-    left, right = points[:, EYE_CORNERS[0], :2], points[:, EYE_CORNERS[1], :2]
-    angle = np.arctan2(right[:, 1] - left[:, 1], right[:, 0] - left[:, 0])
-    cos, sin = np.cos(-angle)[:, None], np.sin(-angle)[:, None]
-    x, y = points[:, :, 0].copy(), points[:, :, 1].copy()
-    points[:, :, 0], points[:, :, 1] = cos * x - sin * y, sin * x + cos * y
-    spread = np.sqrt((points[:, :, :2] ** 2).sum(axis=(1, 2)) / points.shape[1])
-    points /= spread[:, None, None]
-    return points.reshape(len(points), -1)
+                        mesh_sha256=MESH_SHA256)
+    print(f"{out}: landmarks of {len(pixels)} images")
 
 
 def landmark_probabilities(features: np.ndarray, labels: np.ndarray, folds: np.ndarray,
                            classes: list[str], seed: int = 0) -> np.ndarray:
-    """Out-of-fold class probabilities of a logistic regression on ``features`` (rows: one test image each).
+    """Out-of-fold class probabilities of the tool's landmark model (rows: one test image each).
 
-    Each row's probabilities come from a model fitted on the rows of the other folds only. Rows with NaN
-    features (no face) get the class shares of the fitted rows.
+    Each row's probabilities come from :func:`fer_core.landmarks.fit_landmark_head` fitted on the rows of
+    the other folds only. Rows with NaN features (no face found, in files of MediaPipe's own pipeline)
+    get the class shares of the fitted rows.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from fer_core.landmarks import fit_landmark_head
 
+    codes = np.array([classes.index(c) for c in labels])
     found = ~np.isnan(features).any(axis=1)
     probs = np.zeros((len(labels), len(classes)))
     for fold in np.unique(folds):
         test, fit = folds == fold, (folds != fold) & found
-        search = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)),
-                              {"logisticregression__C": [0.01, 0.1, 1.0]}, scoring="f1_macro",
-                              cv=StratifiedKFold(3, shuffle=True, random_state=seed))
-        search.fit(features[fit], labels[fit])
-        probs[test] = [np.mean(labels[fit] == c) for c in classes]
-        if (test & found).any():
-            # a class with no fitted image is never predicted: its column stays 0
-            fitted = search.predict_proba(features[test & found])
-            columns = [classes.index(c) for c in search.classes_]
-            probs[np.ix_(test & found, columns)] = fitted
-            probs[np.ix_(test & found, [i for i in range(len(classes)) if i not in columns])] = 0.0
+        probs[test] = np.bincount(codes[fit], minlength=len(classes)) / fit.sum()
+        if (test & found).any():  # a class with no fitted image is never predicted
+            head = fit_landmark_head(features[fit], codes[fit], len(classes), 1.0, seed=seed)
+            probs[test & found] = head.predict_proba(features[test & found])
     return probs
 
 
@@ -194,7 +158,7 @@ def score(args: argparse.Namespace) -> None:
         raise SystemExit(str(err)) from None
     pixels = dataset.pixels
     saved = np.load(need_file(Path(args.landmarks), "--landmarks is a file written by extract"))
-    if not {"landmarks", "pixels_sha256", "size", "mediapipe"} <= set(saved.files):
+    if not {"landmarks", "pixels_sha256"} <= set(saved.files):
         raise SystemExit(f"{args.landmarks}: not a landmarks file of extract (it holds {saved.files})")
     if str(saved["pixels_sha256"]) != pixels_fingerprint(pixels):
         raise SystemExit(f"{args.landmarks}: its landmarks were extracted from other images than "
@@ -209,8 +173,10 @@ def score(args: argparse.Namespace) -> None:
                          f"(e.g. {frame.loc[unknown, 'image_id'].iloc[0]}): give the dataset they came from")
     features = normalise(saved["landmarks"], args.dims)
     missing = int(np.isnan(features).any(axis=1).sum())
-    print(f"{args.landmarks}: no face found in {missing} of {len(features)} images "
-          f"(mediapipe {saved['mediapipe']}, {int(saved['size'])} px); features: {args.dims}-d landmarks")
+    source = (f"mediapipe {saved['mediapipe']}" if "mediapipe" in saved.files
+              else f"the tool's face mesh {str(saved['mesh_sha256'])[:12]}")
+    print(f"{args.landmarks}: no face found in {missing} of {len(features)} images ({source}); "
+          f"features: {args.dims}-d landmarks")
     fused, by_split = [], {}
     for arch, part in frame.groupby("arch", sort=True):
         part = part.sort_values(["fold", "image_id"]).reset_index(drop=True)
@@ -254,10 +220,9 @@ def score(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("extract", help="face-mesh landmarks of a dataset (needs mediapipe 0.10.14)")
+    ex = sub.add_parser("extract", help="face-mesh landmarks of a dataset (python -m study.landmarks fetch)")
     ex.add_argument("--data", required=True, type=Path, help="canonical dataset folder (study.prepare)")
     ex.add_argument("--out", required=True, type=Path, help="landmarks file to write (.npz)")
-    ex.add_argument("--size", type=int, default=192, help="images are upscaled to this many pixels")
     sc = sub.add_parser("score", help="CNN, landmarks and their average on the same k folds")
     sc.add_argument("--data", required=True, help="the canonical dataset the predictions were made on")
     sc.add_argument("--landmarks", required=True, help="file written by extract")
@@ -266,7 +231,7 @@ def main() -> None:
                     help="predictions.parquet of k-fold runs; NAME= renames its architecture (seeds apart)")
     args = p.parse_args()
     if args.command == "extract":
-        extract(args.data, args.out, args.size)
+        extract(args.data, args.out)
     else:
         score(args)
 
