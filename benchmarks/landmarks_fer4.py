@@ -47,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ensemble_fer4, imported where needed
 
-from fer_core.landmarks import EYE_CORNERS, N_LANDMARKS, normalise  # noqa: E402,F401  (tests use them)
+from fer_core.landmarks import EYE_CORNERS, N_LANDMARKS, landmark_features, normalise  # noqa: E402,F401
 
 
 def pixels_fingerprint(pixels: np.ndarray) -> str:
@@ -217,6 +217,60 @@ def score(args: argparse.Namespace) -> None:
               f"vs the CNNs averaged: {ensemble_fer4.paired_difference(both, cnns)}")
 
 
+def models(args: argparse.Namespace) -> None:
+    """The CNN alone and with its landmark model, fold by fold, from a run trained with landmark_weight."""
+    import ensemble_fer4
+    import pandas as pd
+
+    from fer_core.checkpoint import load_model
+    from fer_core.data import load_dataset
+    from fer_core.training import predict_saved
+
+    try:
+        dataset = load_dataset(args.data)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+    run = Path(args.run)
+    preds = pd.read_parquet(need_file(run / "predictions.parquet", "give a study.kfold result folder"))
+    row = pd.Series(np.arange(len(dataset.manifest)), index=dataset.manifest["image_id"])
+    unknown = ~preds["image_id"].isin(row.index)
+    if unknown.any():
+        raise SystemExit(f"{int(unknown.sum())} predicted images are not in {args.data}: give the dataset "
+                         "the run was trained on")
+    classes = list(dataset.classes)
+    cols = [f"p_{c}" for c in classes]
+    parts = []
+    for fold, part in preds.groupby("fold", sort=True):
+        saved = load_model(need_file(run / "models" / f"fold{fold}.pt", "the run's fold models"))
+        if saved.landmarks is None:
+            raise SystemExit(f"{run}/models/fold{fold}.pt: no landmark model (landmark_weight was 0)")
+        idx = row.loc[part["image_id"]].to_numpy()
+        both = predict_saved(saved, dataset.pixels[idx], part["image_id"].to_numpy())
+        gap = float(np.abs(both - part[cols].to_numpy(np.float64)).max())
+        if gap > 1e-4:
+            raise SystemExit(f"fold {fold}: the saved model predicts {gap:.2g} away from predictions.parquet")
+        head, saved.landmarks = saved.landmarks, None
+        cnn = predict_saved(saved, dataset.pixels[idx])
+        mesh = head.predict_proba(landmark_features(dataset.pixels[idx], part["image_id"].to_numpy()))
+        for name, probs in (("CNN", cnn), ("landmarks", mesh), (f"+ landmarks (weight {head.weight})", both)):
+            parts.append(part.assign(arch=name, **dict(zip(cols, probs.T, strict=True))))
+    table = pd.concat(parts, ignore_index=True)
+    base = ensemble_fer4.fold_scores(table, ("CNN",), classes)
+    base_gaps = gender_gaps(table[table["arch"] == "CNN"], classes)
+    for name in table["arch"].unique():
+        f1 = ensemble_fer4.fold_scores(table, (name,), classes)
+        line = (f"{name:26s} per fold {np.round(f1.to_numpy(), 4).tolist()}  "
+                f"mean {f1.mean():.4f} ± {f1.std(ddof=1):.4f}")
+        if name != "CNN":
+            line += f"  vs CNN: {ensemble_fer4.paired_difference(f1, base)}"
+        gaps = gender_gaps(table[table["arch"] == name], classes)
+        if gaps is not None:
+            line += f"; gender gap (Male - Female accuracy) {100 * gaps.mean():+.1f} points"
+            if name != "CNN":
+                line += f", its change {ensemble_fer4.paired_difference(gaps, base_gaps)}"
+        print(line, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -229,9 +283,14 @@ def main() -> None:
     sc.add_argument("--dims", type=int, choices=(2, 3), default=2, help="landmark coordinates used")
     sc.add_argument("predictions", nargs="+", metavar="[NAME=]PREDICTIONS",
                     help="predictions.parquet of k-fold runs; NAME= renames its architecture (seeds apart)")
+    md = sub.add_parser("models", help="a run trained with landmark_weight: its CNN alone and with landmarks")
+    md.add_argument("run", help="study.kfold result folder (predictions.parquet and models/fold<i>.pt)")
+    md.add_argument("--data", required=True, help="the canonical dataset the run was trained on")
     args = p.parse_args()
     if args.command == "extract":
         extract(args.data, args.out)
+    elif args.command == "models":
+        models(args)
     else:
         score(args)
 

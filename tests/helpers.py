@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 
 from fer_core.data import FaceDataset, image_id
+from fer_core.landmarks import N_LANDMARKS
 
 CLASSES = ("Focused", "Happy", "Neutral", "Surprised")
 
@@ -32,3 +33,22 @@ def bar_dataset(n: int = 80, seed: int = 0) -> FaceDataset:
         "age": pd.Series(["Adult"] * n, dtype=object),
     })
     return FaceDataset(pixels=x, manifest=manifest, classes=CLASSES, name="bars")
+
+
+class BarMesh:
+    """A stand-in for the face mesh: 468 'landmarks' that follow the brightness of each image row.
+
+    The bar images of the tests encode their class in the row of a bright bar, so these points carry the
+    class, as a real face's geometry carries its expression; no model file is needed.
+    """
+
+    calls = 0
+
+    def __call__(self, pixels):
+        BarMesh.calls += len(pixels)
+        rows = np.asarray(pixels, dtype=np.float64).mean(axis=2)  # (N, H)
+        rows = np.repeat(rows, -(-N_LANDMARKS // rows.shape[1]), axis=1)[:, :N_LANDMARKS]
+        points = np.zeros((len(pixels), N_LANDMARKS, 3))
+        points[:, :, 0] = np.arange(N_LANDMARKS) + rows / 50.0
+        points[:, :, 1] = np.sin(np.arange(N_LANDMARKS)) + rows / 70.0
+        return points

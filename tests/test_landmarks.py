@@ -13,28 +13,9 @@ import fer_core.landmarks as landmarks
 from fer_core.checkpoint import load_model, save_model
 from fer_core.config import SplitConfig, TrainConfig
 from fer_core.training import predict_saved
-from tests.helpers import bar_dataset
+from tests.helpers import BarMesh, bar_dataset
 
 FER4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer4"
-
-
-class BarMesh:
-    """A stand-in for the face mesh: 468 'landmarks' that follow the brightness of each image row.
-
-    The bar images of the tests encode their class in the row of a bright bar, so these points carry the
-    class, as a real face's geometry carries its expression; no model file is needed.
-    """
-
-    calls = 0
-
-    def __call__(self, pixels):
-        BarMesh.calls += len(pixels)
-        rows = np.asarray(pixels, dtype=np.float64).mean(axis=2)  # (N, H)
-        rows = np.repeat(rows, -(-landmarks.N_LANDMARKS // rows.shape[1]), axis=1)[:, :landmarks.N_LANDMARKS]
-        points = np.zeros((len(pixels), landmarks.N_LANDMARKS, 3))
-        points[:, :, 0] = np.arange(landmarks.N_LANDMARKS) + rows / 50.0
-        points[:, :, 1] = np.sin(np.arange(landmarks.N_LANDMARKS)) + rows / 70.0
-        return points
 
 
 @pytest.fixture

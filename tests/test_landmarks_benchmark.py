@@ -171,3 +171,32 @@ def test_runs_of_one_architecture_are_told_apart_by_name(tmp_path):
     assert sorted(frame["arch"].unique()) == ["seed0", "seed1"] and len(frame) == 4
     with pytest.raises(SystemExit, match="given twice"):
         landmarks.load_predictions([str(tmp_path / "s0.parquet"), str(tmp_path / "s1.parquet")])
+
+
+def test_models_splits_a_landmark_run_into_cnn_and_landmarks(tmp_path, monkeypatch, capsys):
+    import fer_core.landmarks as tool
+    from fer_core.data import save_dataset
+    from study import kfold
+    from tests.helpers import BarMesh, bar_dataset
+
+    monkeypatch.setattr(tool, "FaceMesh", BarMesh)
+    monkeypatch.setattr(tool, "_FEATURES", {})
+    save_dataset(bar_dataset(60), tmp_path / "bars")
+    for name, weight in (("plain", 0.0), ("mesh", 0.5)):
+        assert kfold.main(["--data", str(tmp_path / "bars"), "--arch", "main", "--out", str(tmp_path / name),
+                           "k=2", "epochs=1", "batch_size=16", f"landmark_weight={weight}"]) == 0
+    capsys.readouterr()
+
+    def run(name):
+        monkeypatch.setattr(sys, "argv", ["landmarks_fer4.py", "models", str(tmp_path / name),
+                                          "--data", str(tmp_path / "bars")])
+        landmarks.main()
+        return capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="fold0.pt: no landmark model"):
+        run("plain")
+    lines = {line.split("  per fold")[0].strip(): line for line in run("mesh").splitlines()}
+    assert set(lines) == {"CNN", "landmarks", "+ landmarks (weight 0.5)"}
+    folds = pd.read_parquet(tmp_path / "mesh" / "folds.parquet").sort_values("fold")
+    # the averaged row is the run's own test macro-F1, fold by fold
+    assert str(np.round(folds["macro_f1"].to_numpy(), 4).tolist()) in lines["+ landmarks (weight 0.5)"]
