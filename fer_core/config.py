@@ -74,6 +74,7 @@ class TrainConfig:
     teachers: tuple[str, ...] = ()
     distill: float = 0.5
     landmark_weight: float = 0.0
+    landmark_mirror: bool = False
 
     def __post_init__(self) -> None:
         where = "TrainConfig"
@@ -94,6 +95,9 @@ class TrainConfig:
                "in [0, 1] (the teachers' share of each training target)")
         _check(where, "landmark_weight", self.landmark_weight, 0 <= self.landmark_weight <= 1,
                "in [0, 1] (the face-mesh landmarks' share of the predicted probabilities; 0: off)")
+        _check(where, "landmark_mirror", self.landmark_mirror,
+               not self.landmark_mirror or self.landmark_weight > 0,
+               "true only with landmark_weight > 0 (it adds mirror images to the landmark model's training)")
         _choice(where, "optimizer", self.optimizer, OPTIMIZERS)
         _choice(where, "schedule", self.schedule, SCHEDULES)
         _choice(where, "mitigation", self.mitigation, MITIGATIONS)
@@ -275,7 +279,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # configuration (a resumed study or sweep keeps them instead of training them again).
 LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0, "init": "",
                     "stem_pool": True, "input_norm": "dataset", "teachers": [], "distill": 0.5,
-                    "sam": 0.0, "landmark_weight": 0.0}
+                    "sam": 0.0, "landmark_weight": 0.0, "landmark_mirror": False}
 
 
 def config_hash(cfg: Any) -> str:

@@ -135,7 +135,7 @@ def attach_landmarks(result: FitResult, cfg: TrainConfig, ds: FaceDataset, rows:
     rows = np.asarray(rows)
     features = landmark_features(ds.pixels[rows], ds.manifest["image_id"].to_numpy()[rows])
     result.landmarks = fit_landmark_head(features, ds.labels[rows], len(ds.classes), cfg.landmark_weight,
-                                         seed=cfg.seed)
+                                         seed=cfg.seed, mirror=cfg.landmark_mirror)
 
 
 def score_fold(ds: FaceDataset, test_idx: np.ndarray, result: FitResult, fold: int) -> FoldRun:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.model_selection import StratifiedGroupKFold
 
 import fer_core.crossval as crossval
 import fer_core.landmarks as landmarks
@@ -69,9 +70,80 @@ def test_one_class_is_refused():
         landmarks.fit_landmark_head(features[labels == 1], labels[labels == 1], 4, weight=0.5)
 
 
+def _symmetric_faces(n=160, seed=0):
+    """Faces built from 234 mirror pairs (x, y), (-x, y), in a shuffled point order, whose class moves the
+    points of the left half only (so a face and its mirror image differ), with their true partner map."""
+    rng = np.random.default_rng(seed)
+    half = landmarks.N_LANDMARKS // 2
+    # one pair per row, 0.2 apart, so a point's partner is the nearest point to its reflection
+    template = np.stack([rng.uniform(0.1, 1.0, size=half), 0.2 * rng.permutation(half)], axis=1)
+    order = rng.permutation(landmarks.N_LANDMARKS)  # order[j]: where pair j's left point is; right: j + half
+    points = np.zeros((n, landmarks.N_LANDMARKS, 2))
+    labels = np.arange(n) % 4
+    left = template + labels[:, None, None] * 0.005 * rng.normal(size=(1, half, 2))
+    points[:, order[:half]] = left + 0.002 * rng.normal(size=left.shape)
+    points[:, order[half:]] = template * np.array([-1.0, 1.0]) + 0.002 * rng.normal(size=left.shape)
+    partners = np.empty(landmarks.N_LANDMARKS, dtype=int)
+    partners[order[:half]], partners[order[half:]] = order[half:], order[:half]
+    return points.reshape(n, -1), labels, partners
+
+
+def test_mirror_partners_are_found_and_mirroring_twice_gives_the_face_back():
+    features, _, partners = _symmetric_faces()
+    found = landmarks.mirror_partners(features)
+    np.testing.assert_array_equal(found, partners)
+    mirrored = landmarks.mirror_features(features, found).reshape(len(features), -1, 2)
+    points = features.reshape(len(features), -1, 2)
+    np.testing.assert_array_equal(mirrored[:, partners, 0], -points[:, :, 0])
+    np.testing.assert_array_equal(mirrored[:, partners, 1], points[:, :, 1])
+    np.testing.assert_array_equal(landmarks.mirror_features(mirrored.reshape(len(features), -1), found),
+                                  features)
+
+
+def test_a_head_fitted_with_mirror_images_predicts_a_face_as_its_mirror(monkeypatch):
+    features, labels, partners = _symmetric_faces()
+    mirrored = landmarks.mirror_features(features, partners)
+    splits = []
+    real_split = StratifiedGroupKFold.split
+
+    def spy(self, x, y=None, groups=None):
+        for fit, val in real_split(self, x, y, groups):
+            splits.append((fit, val))
+            yield fit, val
+
+    monkeypatch.setattr(StratifiedGroupKFold, "split", spy)
+    plain = landmarks.fit_landmark_head(features, labels, 4, weight=1.0)
+    assert not splits  # without mirror images the search for C splits faces as before
+    both = landmarks.fit_landmark_head(features, labels, 4, weight=1.0, mirror=True)
+    # the class lives in the left half only, so a plain head tells a face from its mirror image ...
+    assert np.abs(plain.predict_proba(features) - plain.predict_proba(mirrored)).max() > 0.3
+    # ... and one fitted on both is (up to the solver's tolerance) blind to the side
+    np.testing.assert_allclose(both.predict_proba(features), both.predict_proba(mirrored), atol=1e-3)
+    assert (both.predict_proba(features).argmax(1) == labels).mean() > 0.9
+    assert len(splits) == 3
+    for fit, val in splits:  # a face and its mirror (row i and row i + n) are never split apart
+        assert not set(fit % len(labels)) & set(val % len(labels))
+
+
+def test_landmark_mirror_reaches_the_landmark_model(bar_mesh, monkeypatch):
+    seen = []
+    real = crossval.fit_landmark_head
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("mirror"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(crossval, "fit_landmark_head", spy)
+    cfg = TrainConfig(epochs=1, batch_size=16, landmark_weight=0.5, landmark_mirror=True)
+    crossval.run_kfold(cfg, SplitConfig(k=2), bar_dataset(40))
+    assert seen == [True, True]
+
+
 def test_landmark_weight_out_of_range_names_the_key():
     with pytest.raises(ValueError, match="landmark_weight"):
         TrainConfig(landmark_weight=1.5)
+    with pytest.raises(ValueError, match="landmark_mirror.*landmark_weight > 0"):
+        TrainConfig(landmark_mirror=True)  # would change nothing: no landmark model is fitted
 
 
 def test_test_fold_never_reaches_the_landmark_model(bar_mesh, monkeypatch):
