@@ -95,9 +95,6 @@ class TrainConfig:
                "in [0, 1] (the teachers' share of each training target)")
         _check(where, "landmark_weight", self.landmark_weight, 0 <= self.landmark_weight <= 1,
                "in [0, 1] (the face-mesh landmarks' share of the predicted probabilities; 0: off)")
-        _check(where, "landmark_mirror", self.landmark_mirror,
-               not self.landmark_mirror or self.landmark_weight > 0,
-               "true only with landmark_weight > 0 (it adds mirror images to the landmark model's training)")
         _choice(where, "optimizer", self.optimizer, OPTIMIZERS)
         _choice(where, "schedule", self.schedule, SCHEDULES)
         _choice(where, "mitigation", self.mitigation, MITIGATIONS)

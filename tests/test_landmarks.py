@@ -142,8 +142,6 @@ def test_landmark_mirror_reaches_the_landmark_model(bar_mesh, monkeypatch):
 def test_landmark_weight_out_of_range_names_the_key():
     with pytest.raises(ValueError, match="landmark_weight"):
         TrainConfig(landmark_weight=1.5)
-    with pytest.raises(ValueError, match="landmark_mirror.*landmark_weight > 0"):
-        TrainConfig(landmark_mirror=True)  # would change nothing: no landmark model is fitted
 
 
 def test_test_fold_never_reaches_the_landmark_model(bar_mesh, monkeypatch):
