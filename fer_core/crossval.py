@@ -117,11 +117,28 @@ def train_on_split(cfg: TrainConfig, ds: FaceDataset, train_idx: np.ndarray, tes
     labels = ds.labels
     result = fit(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
                  len(ds.classes), train_groups=train_groups(ds, fit_idx, cfg),
-                 soft_targets=teacher_targets(ds, cfg, fold, test_idx, fit_idx), on_epoch_end=on_epoch_end)
+                 soft_targets=teacher_targets(ds, cfg, fold, test_idx, fit_idx), on_epoch_end=on_epoch_end,
+                 val_blend=landmark_val_blend(cfg, ds, fit_idx, val_idx))
     attach_landmarks(result, cfg, ds, np.concatenate([fit_idx, val_idx]))
     run = score_fold(ds, test_idx, result, fold)
     run.metrics["n_fit"] = len(fit_idx)
     return run
+
+
+def landmark_val_blend(cfg: TrainConfig, ds: FaceDataset, fit_idx: np.ndarray, val_idx: np.ndarray
+                       ) -> tuple[np.ndarray, float] | None:
+    """With ``landmark_weight`` > 0: the landmark model's validation probabilities and weight (else None).
+
+    Early stopping and selection (``study.tune``'s too) then score the blend that is used. This landmark
+    model is fitted on ``fit_idx`` only, never on the validation images it scores; the one kept with the
+    model (:func:`attach_landmarks`) is fitted afterwards on all the training images.
+    """
+    if cfg.landmark_weight <= 0 or len(val_idx) == 0:
+        return None
+    ids = ds.manifest["image_id"].to_numpy()
+    head = fit_landmark_head(landmark_features(ds.pixels[fit_idx], ids[fit_idx]), ds.labels[fit_idx],
+                             len(ds.classes), cfg.landmark_weight, seed=cfg.seed, mirror=cfg.landmark_mirror)
+    return head.predict_proba(landmark_features(ds.pixels[val_idx], ids[val_idx])), cfg.landmark_weight
 
 
 def attach_landmarks(result: FitResult, cfg: TrainConfig, ds: FaceDataset, rows: np.ndarray) -> None:

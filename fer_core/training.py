@@ -248,12 +248,18 @@ class Trainer:
     soft_targets
         Teachers' class probabilities for each training example (N, num_classes), for distillation:
         each example's target is then ``1 - distill`` of its label and ``distill`` of these.
+    val_blend
+        ``(probs, weight)``: another model's class probabilities for each validation example (e.g. the
+        landmark model's, fitted without the validation images); every validation metric, and so early
+        stopping and selection, is then that of ``1 - weight`` of the network's probabilities plus
+        ``weight`` of these, the blend that will be used.
     """
 
     def __init__(self, cfg: TrainConfig, train_pixels: np.ndarray, train_labels: np.ndarray,
                  val_pixels: np.ndarray, val_labels: np.ndarray, num_classes: int,
                  train_groups: np.ndarray | None = None, val_groups: np.ndarray | None = None,
-                 soft_targets: np.ndarray | None = None) -> None:
+                 soft_targets: np.ndarray | None = None,
+                 val_blend: tuple[np.ndarray, float] | None = None) -> None:
         self.cfg, self.num_classes = cfg, num_classes
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -271,6 +277,10 @@ class Trainer:
         self.x_val = to_tensor(val_pixels, self.mean, self.std, self.device, cfg.input_norm)
         self.y_val = np.asarray(val_labels)
         self.val_groups = val_groups
+        if val_blend is not None and np.shape(val_blend[0]) != (len(self.y_val), num_classes):
+            raise ValueError(f"val_blend: shape {np.shape(val_blend[0])}, expected "
+                             f"{(len(self.y_val), num_classes)}")
+        self.val_blend = val_blend
         self._setup_mitigation(np.asarray(train_labels), train_groups)
         self.model = create_model(cfg.arch, num_classes=num_classes * self.n_heads, dropout=cfg.dropout,
                                   width=cfg.width, stem_pool=cfg.stem_pool)
@@ -357,7 +367,7 @@ class Trainer:
         metrics = train_one_epoch(self)
         if len(self.y_val):
             val = evaluate(self.eval_model, self.x_val, self.y_val, self.num_classes, self.cfg.batch_size * 4,
-                           self.cfg.label_smoothing)
+                           self.cfg.label_smoothing, blend=self.val_blend)
             metrics.update({f"val_{k}": v for k, v in val.items() if k != "probs"})
             if self.val_groups is not None:
                 metrics["val_gap"] = accuracy_gap(self.y_val, val["probs"].argmax(1), self.val_groups)
@@ -627,9 +637,16 @@ def predict_saved(saved: SavedModel, pixels: np.ndarray, image_ids: np.ndarray |
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray, num_classes: int,
-             batch_size: int = 256, label_smoothing: float = 0.0) -> dict:
-    """Loss, accuracy and macro-F1 of ``model`` on prepared inputs; ``probs`` holds the (N, C) softmax."""
+             batch_size: int = 256, label_smoothing: float = 0.0,
+             blend: tuple[np.ndarray, float] | None = None) -> dict:
+    """Loss, accuracy and macro-F1 of ``model`` on prepared inputs; ``probs`` holds the (N, C) softmax.
+
+    With ``blend = (other, weight)`` they are those of ``1 - weight`` of the softmax plus ``weight`` of
+    ``other`` (N, C), and ``probs`` is that blend.
+    """
     probs = predict_proba(model, x, batch_size)
+    if blend is not None:
+        probs = (1.0 - blend[1]) * probs + blend[1] * np.asarray(blend[0])
     y = np.asarray(y)
     pred = probs.argmax(1)
     loss = F.cross_entropy(torch.log(torch.as_tensor(probs).clamp_min(1e-12)), torch.as_tensor(y),
@@ -666,14 +683,16 @@ def _amp_dtype(device: torch.device) -> torch.dtype | None:
 
 def fit(cfg: TrainConfig, train_pixels: np.ndarray, train_labels: np.ndarray, val_pixels: np.ndarray,
         val_labels: np.ndarray, num_classes: int, *, train_groups: np.ndarray | None = None,
-        soft_targets: np.ndarray | None = None, on_epoch_end: EpochCallback | None = None) -> FitResult:
+        soft_targets: np.ndarray | None = None, on_epoch_end: EpochCallback | None = None,
+        val_blend: tuple[np.ndarray, float] | None = None) -> FitResult:
     """Train with early stopping on the validation set; returns the best model.
 
     ``on_epoch_end(epoch, metrics)`` is called after every epoch; returning ``False`` stops training.
-    ``soft_targets``: the teachers' probabilities for distillation (see :class:`Trainer`).
+    ``soft_targets``: the teachers' probabilities for distillation; ``val_blend``: probabilities blended
+    into every validation score (both: see :class:`Trainer`).
     """
     trainer = Trainer(cfg, train_pixels, train_labels, val_pixels, val_labels, num_classes, train_groups,
-                      soft_targets=soft_targets)
+                      soft_targets=soft_targets, val_blend=val_blend)
     while not trainer.done:
         metrics = trainer.step()
         if on_epoch_end is not None and on_epoch_end(metrics["epoch"], metrics) is False:

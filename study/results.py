@@ -18,7 +18,13 @@ from ray import tune
 from fer_core import __version__
 from fer_core.checkpoint import save_model
 from fer_core.config import config_hash, to_dict, to_toml
-from fer_core.crossval import attach_landmarks, split_validation, teacher_targets, train_groups
+from fer_core.crossval import (
+    attach_landmarks,
+    landmark_val_blend,
+    split_validation,
+    teacher_targets,
+    train_groups,
+)
 from fer_core.data import FaceDataset
 from fer_core.training import fit
 from study.common import write_table
@@ -122,7 +128,8 @@ def refit_best(out: Path, doc: dict[str, Any], exp: ExperimentConfig, ds: FaceDa
     labels = ds.labels
     res = fit(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
               len(ds.classes), train_groups=train_groups(ds, fit_idx, cfg),
-              soft_targets=teacher_targets(ds, cfg, None, np.arange(0), fit_idx))
+              soft_targets=teacher_targets(ds, cfg, None, np.arange(0), fit_idx),
+              val_blend=landmark_val_blend(cfg, ds, fit_idx, val_idx))
     attach_landmarks(res, cfg, ds, np.arange(len(ds)))
     return save_model(out / "best" / "model.pt", res.model, arch=cfg.arch, classes=ds.classes,
                       input_size=ds.image_size, mean=res.mean, std=res.std, config=to_dict(cfg),

@@ -26,7 +26,14 @@ import ray
 import torch
 from ray import tune
 
-from fer_core.crossval import attach_landmarks, score_fold, split_validation, teacher_targets, train_groups
+from fer_core.crossval import (
+    attach_landmarks,
+    landmark_val_blend,
+    score_fold,
+    split_validation,
+    teacher_targets,
+    train_groups,
+)
 from fer_core.data import FaceDataset
 from fer_core.fairness import group_gap
 from fer_core.splits import kfold_splits
@@ -54,7 +61,8 @@ def make_trainers(exp: ExperimentConfig, ds: FaceDataset, params: dict[str, Any]
         trainers.append(Trainer(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
                                 len(ds.classes), train_groups(ds, fit_idx, cfg),
                                 None if groups is None else groups[val_idx],
-                                teacher_targets(ds, cfg, fold, test_idx, fit_idx)))
+                                teacher_targets(ds, cfg, fold, test_idx, fit_idx),
+                                landmark_val_blend(cfg, ds, fit_idx, val_idx)))
         tests.append(test_idx)
     return trainers, tests
 

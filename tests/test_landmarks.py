@@ -136,7 +136,7 @@ def test_landmark_mirror_reaches_the_landmark_model(bar_mesh, monkeypatch):
     monkeypatch.setattr(crossval, "fit_landmark_head", spy)
     cfg = TrainConfig(epochs=1, batch_size=16, landmark_weight=0.5, landmark_mirror=True)
     crossval.run_kfold(cfg, SplitConfig(k=2), bar_dataset(40))
-    assert seen == [True, True]
+    assert seen == [True] * 4  # per fold: the model that scores validation, and the one kept
 
 
 def test_landmark_weight_out_of_range_names_the_key():
@@ -158,11 +158,39 @@ def test_test_fold_never_reaches_the_landmark_model(bar_mesh, monkeypatch):
     _, preds, runs = crossval.run_kfold(cfg, SplitConfig(k=3), ds)
     features = landmarks.normalise(BarMesh()(ds.pixels))
     row_of = {image: i for i, image in enumerate(ds.manifest["image_id"])}
-    for fold, seen in enumerate(fitted):
-        tested = preds.loc[preds["fold"] == fold, "image_id"].map(row_of)
-        assert len(tested) and not {tuple(np.round(features[i], 9)) for i in tested} & seen
-        assert len(seen) == len(ds) - len(tested)  # every other image, validation ones included
+    assert len(fitted) == 2 * 3  # per fold: one to score the validation images, then the one kept
+    for fold in range(3):
+        for_val, kept = fitted[2 * fold], fitted[2 * fold + 1]
+        tested = {tuple(np.round(features[i], 9))
+                  for i in preds.loc[preds["fold"] == fold, "image_id"].map(row_of)}
+        assert tested and not tested & kept and not tested & for_val
+        assert len(kept) == len(ds) - len(tested)  # every other image, validation ones included
+        assert for_val < kept and len(kept - for_val) == round(0.1 * len(kept))  # not the validation ones
         assert runs[fold].result.landmarks is not None
+
+
+def test_validation_scores_the_blend_with_the_landmark_model(bar_mesh):
+    from sklearn.metrics import f1_score
+
+    from fer_core.training import Trainer, predict_proba
+
+    ds = bar_dataset(60)
+    x, y = np.array(ds.pixels), np.array(ds.labels)  # writable copies, as the fold indexing makes
+    cfg = TrainConfig(epochs=3, batch_size=16, landmark_weight=0.3, patience=3)
+    rng = np.random.default_rng(0)
+    other = rng.dirichlet(np.ones(4), size=20)  # another model's probabilities for the validation images
+    tr = Trainer(cfg, x[20:], y[20:], x[:20], y[:20], 4, val_blend=(other, 0.3))
+    losses = []
+    for _ in range(3):
+        metrics = tr.step()
+        losses.append(metrics["train_loss"])
+        blend = 0.7 * predict_proba(tr.eval_model, tr.x_val) + 0.3 * other
+        assert metrics["val_macro_f1"] == pytest.approx(f1_score(y[:20], blend.argmax(1), average="macro"))
+        assert metrics["val_accuracy"] == pytest.approx((blend.argmax(1) == y[:20]).mean())
+    plain = Trainer(cfg, x[20:], y[20:], x[:20], y[:20], 4)  # (each Trainer seeds torch anew)
+    assert [plain.step()["train_loss"] for _ in range(3)] == pytest.approx(losses)  # training is untouched
+    with pytest.raises(ValueError, match="val_blend: shape"):
+        Trainer(cfg, x[20:], y[20:], x[:20], y[:20], 4, val_blend=(other[:5], 0.3))
 
 
 def test_predictions_are_the_weighted_average_of_cnn_and_landmarks(bar_mesh):
@@ -258,12 +286,16 @@ def test_tune_trials_fit_the_landmark_model_without_their_test_folds(bar_mesh, m
 
     ds = bar_dataset(48)
     exp = load_experiment(None, ["split.k=3", "train.epochs=1", "train.batch_size=8"])
-    trainers, tests = make_trainers(exp, ds, {"arch": "main", "landmark_weight": 0.5})
-    step_report(trainers)
     fitted = []
     real = crossval.fit_landmark_head
     monkeypatch.setattr(crossval, "fit_landmark_head",
                         lambda features, *a, **k: fitted.append(len(features)) or real(features, *a, **k))
+    trainers, tests = make_trainers(exp, ds, {"arch": "main", "landmark_weight": 0.5})
+    # each fold's validation is scored with a landmark model fitted on the fold's fitted images only
+    assert fitted == [len(tr.y) for tr in trainers]
+    assert all(tr.val_blend is not None and len(tr.val_blend[0]) == len(tr.y_val) for tr in trainers)
+    step_report(trainers)
+    fitted.clear()
     scores = final_scores(exp, ds, trainers, tests)
     assert fitted == [len(ds) - len(test) for test in tests]
     assert 0 <= scores["cv_macro_f1"] <= 1
