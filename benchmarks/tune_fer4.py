@@ -4,7 +4,11 @@
    each trial, ASHA); a study already finished in ``--results`` is reused, an interrupted one resumed;
 2. the top 3 configurations by validation score, each re-run with 5-fold cross-validation;
 3. the default recipe's 5-fold macro-F1 (from ``--baseline DIR``, the ``--out`` of kfold_fer4.py for
-   ``main``, or run here beside step 2). Prints both; target: tuned best >= 0.85 mean macro-F1.
+   ``main``, or run here beside step 2), and with ``--recipe key=value`` the default recipe so changed
+   (e.g. ``landmark_weight=0.5``), also run here. Prints them all, with each trial's paired difference to
+   the first baseline run here; target: tuned best >= 0.85 mean macro-F1.
+
+Every 5-fold test prediction is written to ``<study>/confirm_predictions.parquet`` (column ``config``).
 
 The 5-fold runs of steps 2 and 3 are independent (configuration x fold), so they are shared out over
 ``--workers`` processes of one thread each (default: one per CPU core).
@@ -25,11 +29,13 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 from sklearn.metrics import f1_score
 
-from fer_core.config import TrainConfig
+from fer_core.config import TrainConfig, load_config
 from fer_core.crossval import train_on_split
 from fer_core.data import FaceDataset, load_dataset
 from fer_core.splits import kfold_splits
@@ -72,6 +78,14 @@ def macro_f1_per_fold(preds: pd.DataFrame, classes: tuple[str, ...]) -> dict[str
             for name, part in preds.groupby("config", sort=False)}
 
 
+def paired(a: pd.Series, b: pd.Series) -> str:
+    """Mean paired difference a - b over folds in points, its 95% t interval and p (scipy.stats)."""
+    diff = 100 * (np.asarray(a) - np.asarray(b))
+    test = stats.ttest_rel(a, b)
+    low, high = test.confidence_interval(0.95)
+    return f"{diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}], p {test.pvalue:.2f}"
+
+
 def finished(study: Path, num_samples: int) -> bool:
     """Whether ``study`` already holds a complete search (every trial reported, best.toml written)."""
     if not (study / "best.toml").exists() or not (study / "summary.parquet").exists():
@@ -100,6 +114,8 @@ def main() -> None:
     p.add_argument("--baseline", help="kfold_fer4.py --out folder holding main/folds.parquet")
     p.add_argument("--results", default="results", help="results_dir for the study")
     p.add_argument("--top", type=int, default=3, help="confirm this many best trials with 5 folds")
+    p.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run the default recipe with these training keys changed (repeatable)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for the 5-fold runs")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args()
@@ -115,17 +131,28 @@ def main() -> None:
             for r in top.itertuples()}
     if not args.baseline:
         cfgs["default recipe"] = TrainConfig()
+    if args.recipe:
+        cfgs[f"default recipe, {' '.join(args.recipe)}"] = load_config(TrainConfig, overrides=args.recipe)
     start = time.perf_counter()
-    scores = macro_f1_per_fold(five_folds(cfgs, args.data, args.workers), dataset(args.data).classes)
+    preds = five_folds(cfgs, args.data, args.workers)
+    preds.to_parquet(study / "confirm_predictions.parquet")
+    scores = macro_f1_per_fold(preds, dataset(args.data).classes)
     print(f"5-fold runs: {len(cfgs) * K} folds in {(time.perf_counter() - start) / 60:.1f} min "
           f"on {args.workers} workers")
+    reference = next((name for name in cfgs if name.startswith("default recipe")), None)
     rows = []
     for r in top.itertuples():
         f1 = scores[r.trial_id]
         rows.append((r.trial_id, cfgs[r.trial_id].arch, f1.mean(), f1.std(ddof=1)))
         print(f"trial {r.trial_id} ({cfgs[r.trial_id].arch}, {cfgs[r.trial_id].epochs} epochs): "
               f"validation {r.objective:.4f}, 3-fold test {r.cv_macro_f1:.4f}, 5-fold test {f1.mean():.4f} ± "
-              f"{f1.std(ddof=1):.4f} (folds {', '.join(f'{v:.3f}' for v in f1)})", flush=True)
+              f"{f1.std(ddof=1):.4f} (folds {', '.join(f'{v:.3f}' for v in f1)})"
+              + (f"; {paired(f1, scores[reference])} to the {reference}" if reference else ""), flush=True)
+    for name in cfgs:
+        if name.startswith("default recipe, "):
+            f1 = scores[name]
+            print(f"{name}: 5-fold macro-F1 {f1.mean():.4f} ± {f1.std(ddof=1):.4f} "
+                  f"(folds {', '.join(f'{v:.3f}' for v in f1)})", flush=True)
     if args.baseline:
         base = pd.read_parquet(Path(args.baseline) / "main" / "folds.parquet")["macro_f1"]
     else:
