@@ -31,7 +31,9 @@ this script measures it beside saved CNN predictions, without training again, in
    in a second environment), are read too; there, a test image with no face found gets the training
    images' class shares from the landmark side. The landmarks are
    normalised per face: centred, turned so the line between the outer eye corners is level, and scaled
-   to unit spread; only x and y are used (``--dims 3`` adds the mesh's depth estimate).
+   to unit spread; only x and y are used (``--dims 3`` adds the mesh's depth estimate). ``extract`` also
+   keeps the mesh's inner layers (``FaceMesh.embed``, what ``landmark_input = "mesh"`` reads), and
+   ``score --input mesh`` fits the logistic regression on those instead of the points.
 
 The test fold never reaches the landmark model: it is fitted on the other folds' images only.
 """
@@ -73,14 +75,14 @@ def extract(data: Path, out: Path) -> None:
         mesh = FaceMesh()
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(str(err)) from None
-    landmarks = mesh(pixels)
-    np.savez_compressed(out, landmarks=landmarks, pixels_sha256=pixels_fingerprint(pixels),
+    landmarks, inner = mesh(pixels), mesh.embed(pixels)
+    np.savez_compressed(out, landmarks=landmarks, inner=inner, pixels_sha256=pixels_fingerprint(pixels),
                         mesh_sha256=MESH_SHA256)
-    print(f"{out}: landmarks of {len(pixels)} images")
+    print(f"{out}: landmarks and the mesh's inner layers of {len(pixels)} images")
 
 
 def landmark_probabilities(features: np.ndarray, labels: np.ndarray, folds: np.ndarray,
-                           classes: list[str], seed: int = 0) -> np.ndarray:
+                           classes: list[str], seed: int = 0, kind: str = "points") -> np.ndarray:
     """Out-of-fold class probabilities of the tool's landmark model (rows: one test image each).
 
     Each row's probabilities come from :func:`fer_core.landmarks.fit_landmark_head` fitted on the rows of
@@ -96,7 +98,7 @@ def landmark_probabilities(features: np.ndarray, labels: np.ndarray, folds: np.n
         test, fit = folds == fold, (folds != fold) & found
         probs[test] = np.bincount(codes[fit], minlength=len(classes)) / fit.sum()
         if (test & found).any():  # a class with no fitted image is never predicted
-            head = fit_landmark_head(features[fit], codes[fit], len(classes), 1.0, seed=seed)
+            head = fit_landmark_head(features[fit], codes[fit], len(classes), 1.0, seed=seed, kind=kind)
             probs[test & found] = head.predict_proba(features[test & found])
     return probs
 
@@ -171,12 +173,18 @@ def score(args: argparse.Namespace) -> None:
     if unknown.any():
         raise SystemExit(f"{int(unknown.sum())} predicted images are not in {args.data} "
                          f"(e.g. {frame.loc[unknown, 'image_id'].iloc[0]}): give the dataset they came from")
-    features = normalise(saved["landmarks"], args.dims)
+    if args.input == "mesh":
+        if "inner" not in saved.files:
+            raise SystemExit(f"{args.landmarks}: no inner layers of the mesh in it (written by an older "
+                             "extract); run extract again")
+        features = saved["inner"].astype(np.float64)
+    else:
+        features = normalise(saved["landmarks"], args.dims)
     missing = int(np.isnan(features).any(axis=1).sum())
     source = (f"mediapipe {saved['mediapipe']}" if "mediapipe" in saved.files
               else f"the tool's face mesh {str(saved['mesh_sha256'])[:12]}")
     print(f"{args.landmarks}: no face found in {missing} of {len(features)} images ({source}); "
-          f"features: {args.dims}-d landmarks")
+          "features: " + ("the mesh's inner layers" if args.input == "mesh" else f"{args.dims}-d landmarks"))
     fused, by_split = [], {}
     for arch, part in frame.groupby("arch", sort=True):
         part = part.sort_values(["fold", "image_id"]).reset_index(drop=True)
@@ -186,7 +194,7 @@ def score(args: argparse.Namespace) -> None:
         if split not in by_split:  # architectures tested on the same folds share one landmark model
             by_split[split] = landmark_probabilities(features[row.loc[part["image_id"]].to_numpy()],
                                                      part["y_true"].to_numpy(), part["fold"].to_numpy(),
-                                                     classes)
+                                                     classes, kind=args.input)
         mesh = by_split[split]
         alone = part.assign(arch=f"{arch} landmarks", **dict(zip(cols, mesh.T, strict=True)))
         both = part.assign(arch=f"{arch} + landmarks",
@@ -251,8 +259,10 @@ def models(args: argparse.Namespace) -> None:
             raise SystemExit(f"fold {fold}: the saved model predicts {gap:.2g} away from predictions.parquet")
         head, saved.landmarks = saved.landmarks, None
         cnn = predict_saved(saved, dataset.pixels[idx])
-        mesh = head.predict_proba(landmark_features(dataset.pixels[idx], part["image_id"].to_numpy()))
-        for name, probs in (("CNN", cnn), ("landmarks", mesh), (f"+ landmarks (weight {head.weight})", both)):
+        mesh = head.predict_proba(landmark_features(dataset.pixels[idx], part["image_id"].to_numpy(),
+                                                    kind=head.features))
+        for name, probs in (("CNN", cnn), (f"landmarks ({head.features})", mesh),
+                            (f"+ landmarks (weight {head.weight})", both)):
             parts.append(part.assign(arch=name, **dict(zip(cols, probs.T, strict=True))))
     table = pd.concat(parts, ignore_index=True)
     base = ensemble_fer4.fold_scores(table, ("CNN",), classes)
@@ -281,6 +291,8 @@ def main() -> None:
     sc.add_argument("--data", required=True, help="the canonical dataset the predictions were made on")
     sc.add_argument("--landmarks", required=True, help="file written by extract")
     sc.add_argument("--dims", type=int, choices=(2, 3), default=2, help="landmark coordinates used")
+    sc.add_argument("--input", choices=("points", "mesh"), default="points",
+                    help="what the logistic regression reads: the landmarks, or the mesh's inner layers")
     sc.add_argument("predictions", nargs="+", metavar="[NAME=]PREDICTIONS",
                     help="predictions.parquet of k-fold runs; NAME= renames its architecture (seeds apart)")
     md = sub.add_parser("models", help="a run trained with landmark_weight: its CNN alone and with landmarks")

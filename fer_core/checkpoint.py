@@ -70,6 +70,7 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, classes:
     }
     if landmarks is not None:  # with the mesh's fingerprint: its features mean nothing to another mesh
         payload["landmarks"] = {"weight": landmarks.weight, "mesh_sha256": MESH_SHA256,
+                                "features": landmarks.features,
                                 **{k: v.detach().cpu() for k, v in landmarks.state_dict().items()}}
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
@@ -108,7 +109,9 @@ def _landmark_head(path: str | os.PathLike, payload: dict) -> LandmarkHead | Non
     if saved["mesh_sha256"] != MESH_SHA256:
         raise ValueError(f"{path}: its landmark model was fitted on the face mesh {saved['mesh_sha256']}, "
                          f"and this version of the tool runs {MESH_SHA256}; refit it with this version")
-    head = LandmarkHead(saved["coef"].shape[1], saved["coef"].shape[0], saved["weight"])
+    # files saved before landmark_input existed read the points
+    head = LandmarkHead(saved["coef"].shape[1], saved["coef"].shape[0], saved["weight"],
+                        saved.get("features", "points"))
     head.load_state_dict({k: saved[k] for k in ("center", "scale", "coef", "intercept")})
     return head
 

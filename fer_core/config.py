@@ -33,6 +33,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 INPUT_NORMS = ("dataset", "equalize", "image")
 MITIGATIONS = ("none", "resample", "reweight", "groupdro", "groupheads", "adversary")
+LANDMARK_INPUTS = ("points", "mesh")  # what the landmark model reads (fer_core.landmarks.landmark_features)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class TrainConfig:
     distill: float = 0.5
     landmark_weight: float = 0.0
     landmark_mirror: bool = False
+    landmark_input: str = "points"
 
     def __post_init__(self) -> None:
         where = "TrainConfig"
@@ -95,6 +97,10 @@ class TrainConfig:
                "in [0, 1] (the teachers' share of each training target)")
         _check(where, "landmark_weight", self.landmark_weight, 0 <= self.landmark_weight <= 1,
                "in [0, 1] (the face-mesh landmarks' share of the predicted probabilities; 0: off)")
+        _choice(where, "landmark_input", self.landmark_input, LANDMARK_INPUTS)
+        _check(where, "landmark_mirror", self.landmark_mirror,
+               not self.landmark_mirror or self.landmark_input == "points",
+               'false with landmark_input = "mesh" (it mirrors the landmark points)')
         _choice(where, "optimizer", self.optimizer, OPTIMIZERS)
         _choice(where, "schedule", self.schedule, SCHEDULES)
         _choice(where, "mitigation", self.mitigation, MITIGATIONS)
@@ -276,7 +282,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # configuration (a resumed study or sweep keeps them instead of training them again).
 LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0, "init": "",
                     "stem_pool": True, "input_norm": "dataset", "teachers": [], "distill": 0.5,
-                    "sam": 0.0, "landmark_weight": 0.0, "landmark_mirror": False}
+                    "sam": 0.0, "landmark_weight": 0.0, "landmark_mirror": False,
+                    "landmark_input": "points"}
 
 
 def config_hash(cfg: Any) -> str:

@@ -135,10 +135,12 @@ def landmark_val_blend(cfg: TrainConfig, ds: FaceDataset, fit_idx: np.ndarray, v
     """
     if cfg.landmark_weight <= 0 or len(val_idx) == 0:
         return None
-    ids = ds.manifest["image_id"].to_numpy()
-    head = fit_landmark_head(landmark_features(ds.pixels[fit_idx], ids[fit_idx]), ds.labels[fit_idx],
-                             len(ds.classes), cfg.landmark_weight, seed=cfg.seed, mirror=cfg.landmark_mirror)
-    return head.predict_proba(landmark_features(ds.pixels[val_idx], ids[val_idx])), cfg.landmark_weight
+    ids, kind = ds.manifest["image_id"].to_numpy(), cfg.landmark_input
+    head = fit_landmark_head(landmark_features(ds.pixels[fit_idx], ids[fit_idx], kind=kind),
+                             ds.labels[fit_idx], len(ds.classes), cfg.landmark_weight, seed=cfg.seed,
+                             mirror=cfg.landmark_mirror, kind=kind)
+    val = landmark_features(ds.pixels[val_idx], ids[val_idx], kind=kind)
+    return head.predict_proba(val), cfg.landmark_weight
 
 
 def attach_landmarks(result: FitResult, cfg: TrainConfig, ds: FaceDataset, rows: np.ndarray) -> None:
@@ -150,9 +152,10 @@ def attach_landmarks(result: FitResult, cfg: TrainConfig, ds: FaceDataset, rows:
     if cfg.landmark_weight <= 0:
         return
     rows = np.asarray(rows)
-    features = landmark_features(ds.pixels[rows], ds.manifest["image_id"].to_numpy()[rows])
+    features = landmark_features(ds.pixels[rows], ds.manifest["image_id"].to_numpy()[rows],
+                                 kind=cfg.landmark_input)
     result.landmarks = fit_landmark_head(features, ds.labels[rows], len(ds.classes), cfg.landmark_weight,
-                                         seed=cfg.seed, mirror=cfg.landmark_mirror)
+                                         seed=cfg.seed, mirror=cfg.landmark_mirror, kind=cfg.landmark_input)
 
 
 def score_fold(ds: FaceDataset, test_idx: np.ndarray, result: FitResult, fold: int) -> FoldRun:
@@ -163,7 +166,8 @@ def score_fold(ds: FaceDataset, test_idx: np.ndarray, result: FitResult, fold: i
     probs = evaluate(result.model, x_test, y_test, len(ds.classes))["probs"]
     if result.landmarks is not None:
         probs = result.landmarks.blend(probs, landmark_features(ds.pixels[test_idx],
-                                                                ds.manifest["image_id"].to_numpy()[test_idx]))
+                                                                ds.manifest["image_id"].to_numpy()[test_idx],
+                                                                kind=result.landmarks.features))
     y_pred = probs.argmax(1)
     metrics = classification_metrics(y_test, y_pred, ds.classes)
     metrics.update(fold=fold, best_epoch=result.best_epoch, epochs_run=len(result.history),

@@ -5,7 +5,10 @@ to place 468 points on phone-camera faces, gives each image a geometry the CNN d
 images. With ``landmark_weight`` > 0 (a training key), a logistic regression is fitted on the normalised
 landmarks of the training images and its class probabilities are averaged with the CNN's, that weight
 given to the landmarks (``benchmarks/landmarks_fer4.py`` measured +1.7 to +3.6 points on fer4). With
-``landmark_mirror`` the logistic regression also learns from each training face's mirror image.
+``landmark_mirror`` the logistic regression also learns from each training face's mirror image. With
+``landmark_input = "mesh"`` it reads, instead of the points, what the mesh's network computed on the way to
+them: the activations of two of its inner layers on the aligned face (:data:`MESH_LAYERS`), 2304 numbers
+that describe the face's appearance around its parts as well as their place.
 
 The mesh runs here with Google's TFLite runtime (``ai-edge-litert``), not with the ``mediapipe`` package,
 whose last release that carries the model pins ``protobuf<5`` against the project's tensorboard. The model
@@ -36,6 +39,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from fer_core.config import LANDMARK_INPUTS
+
 N_LANDMARKS = 468  # face mesh without iris refinement
 EYE_CORNERS = (33, 263)  # the outer corners of the two eyes in the mesh's numbering
 MESH_INPUT = 192  # the mesh's input: 192 x 192 RGB in [0, 1]
@@ -47,6 +52,12 @@ MESH_MEMBER = "mediapipe/modules/face_landmark/face_landmark.tflite"
 MESH_SHA256 = "1055cb9d4a9ca8b8c688902a3a5194311138ba256bcc94e336d8373a5f30c814"
 ENV_VAR = "FER_MESH_MODEL"
 C_GRID = (0.01, 0.1, 1.0)  # the logistic regression's C, chosen by a 3-fold search on the training images
+# The mesh's inner layers read with landmark_input = "mesh": (name, grid the layer is averaged down to). The
+# last block both heads share (3 x 3 x 128) and the last 12 x 12 x 128 block, averaged over 4 x 4 cells.
+MESH_LAYERS = (("p_re_lu_17", 3), ("p_re_lu_12", 3))
+MESH_FEATURES = 2 * 3 * 3 * 128
+# many more features than points, so weaker regularisation is never chosen on fer4; the grid reaches lower
+C_GRIDS = {"points": C_GRID, "mesh": (0.001, 0.003, 0.01, 0.03)}
 
 _NO_MODEL = ("{0}: no face-mesh model file; run `python -m study.landmarks fetch` (it takes "
              "face_landmark.tflite out of the {1} wheel on PyPI) or set ${2} to the file")
@@ -109,37 +120,75 @@ class FaceMesh:
     """
 
     def __init__(self, model_path: Path | None = None, threads: int = 1):
-        from ai_edge_litert.interpreter import Interpreter  # imported here: only landmark users need it
-
         self.path = check_mesh_model(model_path)
-        self.interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
-        self.interpreter.allocate_tensors()
+        self.threads = threads
+        self.interpreter = self._interpreter(keep_inner=False)
+        self._inner = None  # a second interpreter that keeps its inner layers, made by the first embed()
         self._input = self.interpreter.get_input_details()[0]["index"]
         self._points = self.interpreter.get_output_details()[0]["index"]
 
-    def _run(self, crop: np.ndarray) -> np.ndarray:
+    def _interpreter(self, keep_inner: bool):
+        import warnings
+
+        from ai_edge_litert.interpreter import Interpreter  # imported here: only landmark users need it
+
+        with warnings.catch_warnings():  # keeping the inner tensors is "for debugging": ~5 MB here
+            warnings.filterwarnings("ignore", ".*experimental_preserve_all_tensors")
+            interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads,
+                                      experimental_preserve_all_tensors=keep_inner)
+        interpreter.allocate_tensors()
+        return interpreter
+
+    def _run(self, crop: np.ndarray, interpreter=None) -> np.ndarray:
+        interpreter = interpreter or self.interpreter
         rgb = np.repeat(crop[None, :, :, None], 3, axis=3).astype(np.float32)
-        self.interpreter.set_tensor(self._input, rgb)
-        self.interpreter.invoke()
-        return self.interpreter.get_tensor(self._points).reshape(N_LANDMARKS, 3).copy()
+        interpreter.set_tensor(self._input, rgb)
+        interpreter.invoke()
+        return interpreter.get_tensor(self._points).reshape(N_LANDMARKS, 3).copy()
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """(N, H, W) uint8 images -> (N, 468, 3) float32 landmarks."""
         pixels = np.asarray(pixels)
         out = np.zeros((len(pixels), N_LANDMARKS, 3), dtype=np.float32)
         for i, image in enumerate(pixels):
-            side = float(image.shape[0])
-            pad = int(round(PAD * side))
-            padded = Image.fromarray(np.pad(np.asarray(image, np.uint8), pad, mode="edge"))
-            center, size, angle = np.array([side / 2, side / 2]), side / FIRST_PASS_SCALE, 0.0
-            for _ in range(2):
-                points = self._crop_and_run(padded, pad, center, size, angle)
-                center, size, angle = roi_of(points)
-            out[i] = points / side
+            out[i] = self._two_passes(image) / float(image.shape[0])
         return out
 
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, H, W) uint8 images -> (N, 2304) float32: the inner layers of :data:`MESH_LAYERS`.
+
+        Read on the second pass, the crop turned level around the face the first pass found, each layer
+        averaged down to a 3 x 3 grid of its channels.
+        """
+        if self._inner is None:
+            self._inner = self._interpreter(keep_inner=True)
+            names = {t["name"]: t["index"] for t in self._inner.get_tensor_details()}
+            self._layers = [(names[name], grid) for name, grid in MESH_LAYERS]
+        pixels = np.asarray(pixels)
+        out = np.zeros((len(pixels), MESH_FEATURES), dtype=np.float32)
+        for i, image in enumerate(pixels):
+            self._two_passes(image, self._inner)
+            parts = []
+            for index, grid in self._layers:
+                layer = self._inner.get_tensor(index)[0]  # (H, W, C)
+                cell = layer.shape[0] // grid
+                parts.append(layer.reshape(grid, cell, grid, cell, -1).mean(axis=(1, 3)).ravel())
+            out[i] = np.concatenate(parts)
+        return out
+
+    def _two_passes(self, image: np.ndarray, interpreter=None) -> np.ndarray:
+        """The points of the second pass, in pixels of ``image``; ``interpreter`` ran it last."""
+        side = float(image.shape[0])
+        pad = int(round(PAD * side))
+        padded = Image.fromarray(np.pad(np.asarray(image, np.uint8), pad, mode="edge"))
+        center, size, angle = np.array([side / 2, side / 2]), side / FIRST_PASS_SCALE, 0.0
+        for _ in range(2):
+            points = self._crop_and_run(padded, pad, center, size, angle, interpreter)
+            center, size, angle = roi_of(points)
+        return points
+
     def _crop_and_run(self, padded: Image.Image, pad: int, center: np.ndarray, size: float,
-                      angle: float) -> np.ndarray:
+                      angle: float, interpreter=None) -> np.ndarray:
         """Run the mesh on the square of side ``size`` around ``center`` turned by ``angle``; image coords."""
         cos, sin, k = np.cos(angle), np.sin(angle), size / MESH_INPUT
         a, b, d, e = cos * k, -sin * k, sin * k, cos * k  # crop pixel (u, v) -> image (x, y)
@@ -147,7 +196,7 @@ class FaceMesh:
         ty = center[1] - (d + e) * MESH_INPUT / 2
         crop = padded.transform((MESH_INPUT, MESH_INPUT), Image.Transform.AFFINE,
                                 (a, b, tx + pad, d, e, ty + pad), resample=Image.Resampling.BICUBIC)
-        uvz = self._run(np.asarray(crop, np.float32) / 255.0)
+        uvz = self._run(np.asarray(crop, np.float32) / 255.0, interpreter)
         x = a * uvz[:, 0] + b * uvz[:, 1] + tx
         y = d * uvz[:, 0] + e * uvz[:, 1] + ty
         return np.stack([x, y, uvz[:, 2] * k], axis=1)
@@ -186,8 +235,9 @@ def normalise(landmarks: np.ndarray, dims: int = 2) -> np.ndarray:
 class LandmarkHead(nn.Module):
     """A fitted logistic regression on normalised landmarks, as tensors (so model files stay weights-only)."""
 
-    def __init__(self, n_features: int, num_classes: int, weight: float):
+    def __init__(self, n_features: int, num_classes: int, weight: float, features: str = "points"):
         super().__init__()
+        self.features = features  # what it reads: an entry of LANDMARK_INPUTS (see landmark_features)
         self.register_buffer("center", torch.zeros(n_features, dtype=torch.float64))
         self.register_buffer("scale", torch.ones(n_features, dtype=torch.float64))
         self.register_buffer("coef", torch.zeros(num_classes, n_features, dtype=torch.float64))
@@ -226,8 +276,11 @@ def mirror_features(features: np.ndarray, partners: np.ndarray) -> np.ndarray:
 
 
 def fit_landmark_head(features: np.ndarray, labels: np.ndarray, num_classes: int, weight: float,
-                      seed: int = 0, mirror: bool = False) -> LandmarkHead:
+                      seed: int = 0, mirror: bool = False, kind: str = "points") -> LandmarkHead:
     """Standardise, then a multinomial logistic regression (C by a 3-fold macro-F1 search) on ``features``.
+
+    ``kind`` says what ``features`` are (an entry of :data:`LANDMARK_INPUTS`, as :func:`landmark_features`
+    computed them); it picks the grid of C and is kept in the head, which reads the same kind at test time.
 
     With ``mirror``, each face's mirror image (:func:`mirror_features`) is fitted as a second example of
     its class; a face and its mirror always fall in the same fold of the search for C. A class absent from
@@ -238,6 +291,11 @@ def fit_landmark_head(features: np.ndarray, labels: np.ndarray, num_classes: int
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    if kind not in C_GRIDS:
+        raise ValueError(f"landmark input {kind!r} is not one of {LANDMARK_INPUTS}")
+    if mirror and kind != "points":
+        raise ValueError('landmark_mirror mirrors the landmark points; it needs landmark_input = "points"')
+    grid = C_GRIDS[kind]
     labels = np.asarray(labels)
     present = np.unique(labels)
     if len(present) < 2:
@@ -254,12 +312,12 @@ def fit_landmark_head(features: np.ndarray, labels: np.ndarray, num_classes: int
             cv = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
         else:
             cv = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
-        search = GridSearchCV(pipe, {"logisticregression__C": list(C_GRID)}, scoring="f1_macro", cv=cv)
+        search = GridSearchCV(pipe, {"logisticregression__C": list(grid)}, scoring="f1_macro", cv=cv)
         pipe = search.fit(features, labels, groups=faces if mirror else None).best_estimator_
     else:  # too few images per class to search C: the middle value
-        pipe.set_params(logisticregression__C=C_GRID[1]).fit(features, labels)
+        pipe.set_params(logisticregression__C=grid[len(grid) // 2]).fit(features, labels)
     scaler, lr = pipe.named_steps["standardscaler"], pipe.named_steps["logisticregression"]
-    head = LandmarkHead(features.shape[1], num_classes, weight)
+    head = LandmarkHead(features.shape[1], num_classes, weight, kind)
     head.center.copy_(torch.as_tensor(scaler.mean_))
     head.scale.copy_(torch.as_tensor(scaler.scale_))
     coef = np.zeros((num_classes, features.shape[1]))
@@ -274,19 +332,30 @@ def fit_landmark_head(features: np.ndarray, labels: np.ndarray, num_classes: int
     return head
 
 
-_FEATURES: dict[str, np.ndarray] = {}  # normalised landmarks by image id (a content hash), per process
+_FEATURES: dict[tuple[str, str], np.ndarray] = {}  # features by (kind, image id: a content hash), per process
 
 
 def landmark_features(pixels: np.ndarray, image_ids: np.ndarray | None = None,
-                      mesh: FaceMesh | None = None) -> np.ndarray:
-    """Normalised x, y landmarks of ``pixels`` (N, H, W); with ``image_ids``, computed once per process."""
+                      mesh: FaceMesh | None = None, kind: str = "points") -> np.ndarray:
+    """Features of ``pixels`` (N, H, W) for the landmark model; with ``image_ids``, computed once per process.
+
+    ``kind`` ``"points"``: the normalised x, y landmarks (936 per face); ``"mesh"``: the mesh's inner
+    layers on the aligned face (:meth:`FaceMesh.embed`, 2304 per face).
+    """
+    if kind not in LANDMARK_INPUTS:
+        raise ValueError(f"landmark input {kind!r} is not one of {LANDMARK_INPUTS}")
+
+    def compute(images: np.ndarray) -> np.ndarray:
+        run = mesh or FaceMesh()
+        return normalise(run(images)) if kind == "points" else run.embed(images).astype(np.float64)
+
     pixels = np.asarray(pixels)
     if image_ids is None:
-        return normalise((mesh or FaceMesh())(pixels))
-    ids = [str(i) for i in image_ids]
-    todo = [j for j, i in enumerate(ids) if i not in _FEATURES]
+        return compute(pixels)
+    keys = [(kind, str(i)) for i in image_ids]
+    todo = [j for j, key in enumerate(keys) if key not in _FEATURES]
     if todo:
-        found = normalise((mesh or FaceMesh())(pixels[todo]))
-        for j, row in zip(todo, found, strict=True):
-            _FEATURES[ids[j]] = row
-    return np.stack([_FEATURES[i] for i in ids]) if ids else np.zeros((0, 2 * N_LANDMARKS))
+        for j, row in zip(todo, compute(pixels[todo]), strict=True):
+            _FEATURES[keys[j]] = row
+    width = 2 * N_LANDMARKS if kind == "points" else MESH_FEATURES
+    return np.stack([_FEATURES[key] for key in keys]) if keys else np.zeros((0, width))

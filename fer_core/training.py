@@ -632,7 +632,8 @@ def predict_saved(saved: SavedModel, pixels: np.ndarray, image_ids: np.ndarray |
     device = next(saved.model.parameters()).device
     probs = predict_proba(saved.model, to_tensor(pixels, saved.mean, saved.std, device, saved.input_norm))
     if saved.landmarks is not None:
-        probs = saved.landmarks.blend(probs, landmark_features(pixels, image_ids))
+        features = landmark_features(pixels, image_ids, kind=saved.landmarks.features)
+        probs = saved.landmarks.blend(probs, features)
     return probs
 
 

@@ -142,6 +142,22 @@ def test_landmark_mirror_reaches_the_landmark_model(bar_mesh, monkeypatch):
 def test_landmark_weight_out_of_range_names_the_key():
     with pytest.raises(ValueError, match="landmark_weight"):
         TrainConfig(landmark_weight=1.5)
+    with pytest.raises(ValueError, match="landmark_input.*'points', 'mesh'.*'pixels'"):
+        TrainConfig(landmark_input="pixels")
+    with pytest.raises(ValueError, match="landmark_mirror.*landmark_input"):
+        TrainConfig(landmark_weight=0.5, landmark_input="mesh", landmark_mirror=True)
+
+
+def test_each_landmark_input_is_computed_once_per_image_and_kind(bar_mesh):
+    ds = bar_dataset(12)
+    ids = ds.manifest["image_id"].to_numpy()
+    points = landmarks.landmark_features(ds.pixels, ids)
+    inner = landmarks.landmark_features(ds.pixels, ids, kind="mesh")
+    assert points.shape == (12, 2 * landmarks.N_LANDMARKS) and inner.shape == (12, landmarks.MESH_FEATURES)
+    again = landmarks.landmark_features(ds.pixels[::-1], ids[::-1], kind="mesh")
+    assert BarMesh.calls == 24  # once per image for each kind, not again
+    np.testing.assert_array_equal(again, inner[::-1])
+    np.testing.assert_array_equal(inner, BarMesh().embed(ds.pixels))
 
 
 def test_test_fold_never_reaches_the_landmark_model(bar_mesh, monkeypatch):
@@ -193,9 +209,15 @@ def test_validation_scores_the_blend_with_the_landmark_model(bar_mesh):
         Trainer(cfg, x[20:], y[20:], x[:20], y[:20], 4, val_blend=(other[:5], 0.3))
 
 
-def test_predictions_are_the_weighted_average_of_cnn_and_landmarks(bar_mesh):
+def _features(kind, pixels):
+    """What the landmark model of ``landmark_input = kind`` reads, from the stand-in mesh directly."""
+    return landmarks.normalise(BarMesh()(pixels)) if kind == "points" else BarMesh().embed(pixels)
+
+
+@pytest.mark.parametrize("kind", ["points", "mesh"])
+def test_predictions_are_the_weighted_average_of_cnn_and_landmarks(bar_mesh, kind):
     ds = bar_dataset(60)
-    cfg = TrainConfig(epochs=1, batch_size=16, landmark_weight=0.3)
+    cfg = TrainConfig(epochs=1, batch_size=16, landmark_weight=0.3, landmark_input=kind)
     _, preds, runs = crossval.run_kfold(cfg, SplitConfig(k=3), ds)
     cols = [f"p_{c}" for c in ds.classes]
     for run in runs:
@@ -205,14 +227,16 @@ def test_predictions_are_the_weighted_average_of_cnn_and_landmarks(bar_mesh):
         head, run.result.landmarks = run.result.landmarks, None
         saved_free = crossval.score_fold(ds, idx.to_numpy(), run.result, run.fold)  # the CNN alone
         cnn = saved_free.predictions[cols].to_numpy(np.float64)
-        mesh = head.predict_proba(landmarks.normalise(BarMesh()(pixels)))
+        assert head.features == kind and head.coef.shape[1] == _features(kind, pixels[:1]).shape[1]
+        mesh = head.predict_proba(_features(kind, pixels))
         np.testing.assert_allclose(preds.loc[rows, cols].to_numpy(np.float64), 0.7 * cnn + 0.3 * mesh,
                                    atol=1e-5)
 
 
-def test_saved_model_keeps_its_landmark_model(bar_mesh, tmp_path):
+@pytest.mark.parametrize("kind", ["points", "mesh"])
+def test_saved_model_keeps_its_landmark_model(bar_mesh, tmp_path, kind):
     ds = bar_dataset(60)
-    cfg = TrainConfig(epochs=1, batch_size=16, landmark_weight=0.5)
+    cfg = TrainConfig(epochs=1, batch_size=16, landmark_weight=0.5, landmark_input=kind)
     _, preds, runs = crossval.run_kfold(cfg, SplitConfig(k=3), ds)
     run = runs[0]
     path = save_model(tmp_path / "m.pt", run.result.model, arch="main", classes=ds.classes,
@@ -221,11 +245,15 @@ def test_saved_model_keeps_its_landmark_model(bar_mesh, tmp_path):
     raw = torch.load(path, weights_only=True)  # tensors and plain values only
     assert raw["landmarks"]["mesh_sha256"] == landmarks.MESH_SHA256
     saved = load_model(path)
-    assert saved.landmarks.weight == 0.5
+    assert saved.landmarks.weight == 0.5 and saved.landmarks.features == kind
     rows = (preds["fold"] == 0).to_numpy()
     idx = ds.manifest.reset_index().set_index("image_id").loc[preds.loc[rows, "image_id"], "index"].to_numpy()
     probs = predict_saved(saved, ds.pixels[idx])
     np.testing.assert_allclose(probs, preds.loc[rows, [f"p_{c}" for c in ds.classes]].to_numpy(), atol=1e-5)
+    # a file saved before landmark_input existed has no "features": it read the points
+    old = {**raw, "landmarks": {k: v for k, v in raw["landmarks"].items() if k != "features"}}
+    torch.save(old, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt").landmarks.features == "points"
     # a file fitted on another face mesh is refused, naming the file
     raw["landmarks"]["mesh_sha256"] = "0" * 64
     torch.save(raw, tmp_path / "other.pt")
@@ -278,6 +306,37 @@ def test_the_face_mesh_places_eyes_nose_and_mouth_on_fer4_faces():
     moved = landmarks.FaceMesh()(shifted)
     dx = np.median(moved[:, :, 0] - points[:, :, 0])
     assert abs(dx * 48 - 3) < 1.0
+
+
+@pytest.mark.realdata
+def test_the_mesh_inner_layers_tell_fer4_expressions_apart():
+    if not (FER4 / "Data").is_dir():
+        pytest.skip(f"{FER4}: absent (the realdata tests expect ../shared/data/fer4 beside the repository)")
+    try:
+        landmarks.check_mesh_model()
+    except (FileNotFoundError, ValueError) as err:
+        pytest.skip(f"no face-mesh model ({err})")
+    from PIL import Image
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    files, labels = [], []
+    for label, folder in enumerate(sorted((FER4 / "Data").iterdir())):
+        every = sorted(folder.glob("*.png"))
+        files += every[:: len(every) // 60][:60]  # 60 faces per class, evenly through the folder
+        labels += [label] * 60
+    pixels = np.stack([np.asarray(Image.open(f).convert("L").resize((48, 48))) for f in files])
+    mesh = landmarks.FaceMesh()
+    inner = mesh.embed(pixels)
+    assert inner.shape == (240, landmarks.MESH_FEATURES) and np.isfinite(inner).all()
+    # reading the inner layers leaves the points as they were
+    np.testing.assert_allclose(mesh(pixels[:10]), landmarks.FaceMesh()(pixels[:10]), atol=1e-6)
+    # a linear model on them reads the expression far above chance (0.25), as on all of fer4 (0.81)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=2000))
+    score = cross_val_score(model, inner, labels, cv=3, scoring="f1_macro").mean()
+    assert score > 0.5, f"macro-F1 {score:.3f} from the mesh's inner layers"
 
 
 def test_tune_trials_fit_the_landmark_model_without_their_test_folds(bar_mesh, monkeypatch):

@@ -182,9 +182,10 @@ def test_models_splits_a_landmark_run_into_cnn_and_landmarks(tmp_path, monkeypat
     monkeypatch.setattr(tool, "FaceMesh", BarMesh)
     monkeypatch.setattr(tool, "_FEATURES", {})
     save_dataset(bar_dataset(60), tmp_path / "bars")
-    for name, weight in (("plain", 0.0), ("mesh", 0.5)):
+    for name, weight, kind in (("plain", 0.0, "points"), ("mesh", 0.5, "points"), ("inner", 0.5, "mesh")):
         assert kfold.main(["--data", str(tmp_path / "bars"), "--arch", "main", "--out", str(tmp_path / name),
-                           "k=2", "epochs=1", "batch_size=16", f"landmark_weight={weight}"]) == 0
+                           "k=2", "epochs=1", "batch_size=16", f"landmark_weight={weight}",
+                           f"landmark_input={kind}"]) == 0
     capsys.readouterr()
 
     def run(name):
@@ -196,7 +197,48 @@ def test_models_splits_a_landmark_run_into_cnn_and_landmarks(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="fold0.pt: no landmark model"):
         run("plain")
     lines = {line.split("  per fold")[0].strip(): line for line in run("mesh").splitlines()}
-    assert set(lines) == {"CNN", "landmarks", "+ landmarks (weight 0.5)"}
+    assert set(lines) == {"CNN", "landmarks (points)", "+ landmarks (weight 0.5)"}
     folds = pd.read_parquet(tmp_path / "mesh" / "folds.parquet").sort_values("fold")
     # the averaged row is the run's own test macro-F1, fold by fold
     assert str(np.round(folds["macro_f1"].to_numpy(), 4).tolist()) in lines["+ landmarks (weight 0.5)"]
+    # a run whose landmark model read the mesh's inner layers is split with those
+    lines = {line.split("  per fold")[0].strip(): line for line in run("inner").splitlines()}
+    assert set(lines) == {"CNN", "landmarks (mesh)", "+ landmarks (weight 0.5)"}
+    folds = pd.read_parquet(tmp_path / "inner" / "folds.parquet").sort_values("fold")
+    assert str(np.round(folds["macro_f1"].to_numpy(), 4).tolist()) in lines["+ landmarks (weight 0.5)"]
+
+
+def test_score_reads_the_mesh_inner_layers_with_input_mesh(tmp_path, monkeypatch, capsys):
+    n = 48
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 255, size=(n, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "pixels.npy", pixels)
+    ids = [f"img{i}" for i in range(n)]
+    codes = np.arange(n) % 4
+    labels = np.asarray(CLASSES)[codes]
+    pd.DataFrame({"image_id": ids, "label": labels}).to_parquet(tmp_path / "manifest.parquet")
+    inner = rng.normal(size=(n, 30))
+    inner[np.arange(n), codes] += 4.0  # the class is in the inner layers; the points below are noise
+    common = dict(landmarks=_faces(n, rng).astype(np.float32),
+                  pixels_sha256=landmarks.pixels_fingerprint(pixels), mesh_sha256="0" * 64)
+    np.savez(tmp_path / "mesh.npz", inner=inner.astype(np.float32), **common)
+    np.savez(tmp_path / "old.npz", **common)
+    preds = pd.DataFrame({"arch": "main", "fold": np.arange(n) % 3, "image_id": ids, "y_true": labels,
+                          **{f"p_{c}": 0.25 for c in CLASSES}})
+    preds.to_parquet(tmp_path / "predictions.parquet")
+
+    def run(file, *extra):
+        argv = ["landmarks_fer4.py", "score", "--data", str(tmp_path), "--landmarks", str(tmp_path / file),
+                *extra, str(tmp_path / "predictions.parquet")]
+        monkeypatch.setattr(sys, "argv", argv)
+        landmarks.main()
+        out = capsys.readouterr().out
+        line = next(line for line in out.splitlines() if line.startswith("main landmarks"))
+        return float(line.split(" mean ")[1].split()[0]), out
+
+    mesh_score, out = run("mesh.npz", "--input", "mesh")
+    assert "the mesh's inner layers" in out
+    points_score, _ = run("mesh.npz")
+    assert mesh_score > 0.6 and points_score < 0.5  # chance: 0.25
+    with pytest.raises(SystemExit, match="old.npz.*inner layers.*extract again"):
+        run("old.npz", "--input", "mesh")
