@@ -93,12 +93,17 @@ class ExperimentConfig:
     resources: ResourcesConfig = ResourcesConfig()
 
     def __post_init__(self) -> None:
-        validate_space(self.search.space, self.name)
+        validate_space(self.search.space, self.name, self.train)
 
 
-def validate_space(space: dict[str, Any], where: str) -> None:
-    """Every searched name is a training key, with a list of choices or a numeric range."""
+def validate_space(space: dict[str, Any], where: str, base: TrainConfig | None = None) -> None:
+    """Every searched name is a training key, with a list of choices or a numeric range.
+
+    Each listed choice must make a valid training config with the other keys at ``base``'s values (a
+    choice that cannot go with a fixed key fails now, not in its trials).
+    """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
+    fixed = dataclasses.asdict(base) if base is not None else {}
     for name, spec in space.items():
         if name not in known:
             raise KeyError(_UNKNOWN_HP.format(name, sorted(known), where=where))
@@ -107,7 +112,7 @@ def validate_space(space: dict[str, Any], where: str) -> None:
             raise ValueError(_BAD_RANGE.format(name, spec, where=where))
         for choice in spec if isinstance(spec, list) else []:  # a bad choice fails now, not in its trial
             try:
-                from_dict(TrainConfig, {name: choice}, "TrainConfig")
+                from_dict(TrainConfig, {**fixed, name: choice}, "TrainConfig")
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{where}: search.space.{name} = {spec!r}: {exc}") from None
 

@@ -85,3 +85,17 @@ def test_a_searched_choice_that_is_not_a_valid_value_is_refused_before_any_trial
     with pytest.raises((TypeError, ValueError), match=error):
         tune.main(["--smoke-test", f"results_dir={tmp_path / 'results'}", choices])
     assert not (tmp_path / "results").exists()
+
+
+def test_a_searched_choice_that_cannot_go_with_a_fixed_key_is_refused_before_any_trial(tmp_path):
+    from study import tune
+
+    out = tmp_path / "results"
+    space = 'search.space.landmark_input=["points", "mesh"]'
+    with pytest.raises(ValueError, match=r"space.landmark_input = \['points', 'mesh'\]: .*landmark_mirror"):
+        tune.main(["--smoke-test", f"results_dir={out}", "train.landmark_weight=0.5",
+                   "train.landmark_mirror=true", space])
+    assert not out.exists()
+    # with the mirror off both choices are valid (checked without running the search)
+    exp = tune.load_experiment(None, ["train.landmark_weight=0.5", space])
+    assert exp.search.space["landmark_input"] == ["points", "mesh"]
