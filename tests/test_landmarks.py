@@ -282,14 +282,19 @@ def test_missing_model_file_says_how_to_get_it(tmp_path, monkeypatch):
     assert done.returncode == 2 and "none.tflite" in done.stderr and "sha256" in done.stderr
 
 
-@pytest.mark.realdata
-def test_the_face_mesh_places_eyes_nose_and_mouth_on_fer4_faces():
+@pytest.fixture
+def fer4_and_mesh():
+    """Skip, saying which, unless fer4 is beside the repository and the face-mesh model is fetched."""
     if not (FER4 / "Data").is_dir():
         pytest.skip(f"{FER4}: absent (the realdata tests expect ../shared/data/fer4 beside the repository)")
     try:
         landmarks.check_mesh_model()
     except (FileNotFoundError, ValueError) as err:
         pytest.skip(f"no face-mesh model ({err})")
+
+
+@pytest.mark.realdata
+def test_the_face_mesh_places_eyes_nose_and_mouth_on_fer4_faces(fer4_and_mesh):
     from PIL import Image
 
     every = sorted((FER4 / "Data").rglob("*.png"))
@@ -309,13 +314,7 @@ def test_the_face_mesh_places_eyes_nose_and_mouth_on_fer4_faces():
 
 
 @pytest.mark.realdata
-def test_the_mesh_inner_layers_tell_fer4_expressions_apart():
-    if not (FER4 / "Data").is_dir():
-        pytest.skip(f"{FER4}: absent (the realdata tests expect ../shared/data/fer4 beside the repository)")
-    try:
-        landmarks.check_mesh_model()
-    except (FileNotFoundError, ValueError) as err:
-        pytest.skip(f"no face-mesh model ({err})")
+def test_the_mesh_inner_layers_tell_fer4_expressions_apart(fer4_and_mesh):
     from PIL import Image
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score

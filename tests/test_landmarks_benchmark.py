@@ -97,14 +97,20 @@ def test_score_refuses_landmarks_of_other_images(tmp_path, monkeypatch, capsys):
         landmarks.main()
 
 
+def _random_dataset(folder, n, rng):
+    """A canonical dataset of ``n`` noise images in ``folder``, classes in turn: (pixels, ids, labels)."""
+    pixels = rng.integers(0, 255, size=(n, 8, 8), dtype=np.uint8)
+    np.save(folder / "pixels.npy", pixels)
+    ids = [f"img{i}" for i in range(n)]
+    labels = np.asarray(CLASSES)[np.arange(n) % 4]
+    pd.DataFrame({"image_id": ids, "label": labels}).to_parquet(folder / "manifest.parquet")
+    return pixels, ids, labels
+
+
 def test_score_averages_the_cnn_with_the_landmarks(tmp_path, monkeypatch, capsys):
     n = 48
     rng = np.random.default_rng(3)
-    pixels = rng.integers(0, 255, size=(n, 8, 8), dtype=np.uint8)
-    np.save(tmp_path / "pixels.npy", pixels)
-    ids = [f"img{i}" for i in range(n)]
-    labels = np.asarray(CLASSES)[np.arange(n) % 4]
-    pd.DataFrame({"image_id": ids, "label": labels}).to_parquet(tmp_path / "manifest.parquet")
+    pixels, ids, labels = _random_dataset(tmp_path, n, rng)
     faces = _faces(n, rng)
     faces[:, 10, :2] += np.stack([np.arange(n) % 4 * 2.0, np.zeros(n)], -1)  # the class moves one landmark
     np.savez(tmp_path / "mesh.npz", landmarks=faces.astype(np.float32), size=192, mediapipe="0.10.14",
@@ -211,12 +217,8 @@ def test_models_splits_a_landmark_run_into_cnn_and_landmarks(tmp_path, monkeypat
 def test_score_reads_the_mesh_inner_layers_with_input_mesh(tmp_path, monkeypatch, capsys):
     n = 48
     rng = np.random.default_rng(5)
-    pixels = rng.integers(0, 255, size=(n, 8, 8), dtype=np.uint8)
-    np.save(tmp_path / "pixels.npy", pixels)
-    ids = [f"img{i}" for i in range(n)]
+    pixels, ids, labels = _random_dataset(tmp_path, n, rng)
     codes = np.arange(n) % 4
-    labels = np.asarray(CLASSES)[codes]
-    pd.DataFrame({"image_id": ids, "label": labels}).to_parquet(tmp_path / "manifest.parquet")
     inner = rng.normal(size=(n, 30))
     inner[np.arange(n), codes] += 4.0  # the class is in the inner layers; the points below are noise
     common = dict(landmarks=_faces(n, rng).astype(np.float32),
