@@ -33,6 +33,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 INPUT_NORMS = ("dataset", "equalize", "image")
 MITIGATIONS = ("none", "resample", "reweight", "groupdro", "groupheads", "adversary")
+LANDMARK_SELECT = ("blend", "network")  # which validation score picks the network's epoch (Trainer)
 LANDMARK_INPUTS = ("points", "mesh")  # what the landmark model reads (fer_core.landmarks.landmark_features)
 
 
@@ -77,6 +78,7 @@ class TrainConfig:
     landmark_weight: float = 0.0
     landmark_mirror: bool = False
     landmark_input: str = "points"
+    landmark_select: str = "blend"
 
     def __post_init__(self) -> None:
         where = "TrainConfig"
@@ -98,6 +100,7 @@ class TrainConfig:
         _check(where, "landmark_weight", self.landmark_weight, 0 <= self.landmark_weight <= 1,
                "in [0, 1] (the face-mesh landmarks' share of the predicted probabilities; 0: off)")
         _choice(where, "landmark_input", self.landmark_input, LANDMARK_INPUTS)
+        _choice(where, "landmark_select", self.landmark_select, LANDMARK_SELECT)
         _check(where, "landmark_mirror", self.landmark_mirror,
                not self.landmark_mirror or self.landmark_input == "points",
                'false with landmark_input = "mesh" (it mirrors the landmark points)')
@@ -283,7 +286,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0, "init": "",
                     "stem_pool": True, "input_norm": "dataset", "teachers": [], "distill": 0.5,
                     "sam": 0.0, "landmark_weight": 0.0, "landmark_mirror": False,
-                    "landmark_input": "points"}
+                    "landmark_input": "points", "landmark_select": "blend"}
 
 
 def config_hash(cfg: Any) -> str:

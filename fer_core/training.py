@@ -252,7 +252,10 @@ class Trainer:
         ``(probs, weight)``: another model's class probabilities for each validation example (e.g. the
         landmark model's, fitted without the validation images); every validation metric, and so early
         stopping and selection, is then that of ``1 - weight`` of the network's probabilities plus
-        ``weight`` of these, the blend that will be used.
+        ``weight`` of these, the blend that will be used. Each epoch also reports the network's own
+        ``val_network_macro_f1``; with ``cfg.landmark_select = "network"`` that score, not the blend's,
+        picks the epoch that early stopping keeps (the blend's score at that epoch is still the one
+        reported, :attr:`best_val_score`).
     """
 
     def __init__(self, cfg: TrainConfig, train_pixels: np.ndarray, train_labels: np.ndarray,
@@ -366,13 +369,16 @@ class Trainer:
         start = time.perf_counter()
         metrics = train_one_epoch(self)
         if len(self.y_val):
-            val = evaluate(self.eval_model, self.x_val, self.y_val, self.num_classes, self.cfg.batch_size * 4,
-                           self.cfg.label_smoothing, blend=self.val_blend)
+            own = predict_proba(self.eval_model, self.x_val, self.cfg.batch_size * 4)
+            val = score_probs(own, self.y_val, self.num_classes, self.cfg.label_smoothing, self.val_blend)
             metrics.update({f"val_{k}": v for k, v in val.items() if k != "probs"})
+            if self.val_blend is not None:
+                metrics["val_network_macro_f1"] = macro_f1(self.y_val, own.argmax(1), self.num_classes)
             if self.val_groups is not None:
                 metrics["val_gap"] = accuracy_gap(self.y_val, val["probs"].argmax(1), self.val_groups)
         metrics.update(epoch=self.epoch, seconds=time.perf_counter() - start)
-        score = metrics.get("val_macro_f1", float(self.epoch))
+        select = "val_network_macro_f1" if self.cfg.landmark_select == "network" else "val_macro_f1"
+        score = metrics.get(select, metrics.get("val_macro_f1", float(self.epoch)))
         if score > self.best_score:
             self.best_score, self.best_epoch, self.stale = score, self.epoch, 0
             self.best_state = copy.deepcopy(self.eval_model.state_dict())
@@ -382,6 +388,11 @@ class Trainer:
         self.history.append(metrics)
         self.epoch += 1
         return metrics
+
+    @property
+    def best_val_score(self) -> float:
+        """Validation macro-F1 (of the blend, with ``val_blend``) at the kept epoch; else ``best_score``."""
+        return self.best_metrics.get("val_macro_f1", self.best_score)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -645,7 +656,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray, num_classes: int,
     With ``blend = (other, weight)`` they are those of ``1 - weight`` of the softmax plus ``weight`` of
     ``other`` (N, C), and ``probs`` is that blend.
     """
-    probs = predict_proba(model, x, batch_size)
+    return score_probs(predict_proba(model, x, batch_size), y, num_classes, label_smoothing, blend)
+
+
+def score_probs(probs: np.ndarray, y: np.ndarray, num_classes: int, label_smoothing: float = 0.0,
+                blend: tuple[np.ndarray, float] | None = None) -> dict:
+    """:func:`evaluate` on class probabilities (N, C) already predicted."""
     if blend is not None:
         probs = (1.0 - blend[1]) * probs + blend[1] * np.asarray(blend[0])
     y = np.asarray(y)
@@ -698,6 +714,7 @@ def fit(cfg: TrainConfig, train_pixels: np.ndarray, train_labels: np.ndarray, va
         metrics = trainer.step()
         if on_epoch_end is not None and on_epoch_end(metrics["epoch"], metrics) is False:
             break
-    logger.info("best epoch %d of %d, counting from 1 (val macro-F1 %.3f)", trainer.best_epoch + 1,
-                trainer.epoch, trainer.best_score)
+    network = trainer.best_metrics.get("val_network_macro_f1")
+    logger.info("best epoch %d of %d, counting from 1 (val macro-F1 %.3f%s)", trainer.best_epoch + 1,
+                trainer.epoch, trainer.best_val_score, "" if network is None else f"; network {network:.3f}")
     return trainer.result()

@@ -75,12 +75,12 @@ def step_report(trainers: list[Trainer]) -> dict[str, float]:
         for key in FOLD_KEYS:
             report[f"f{fold}_{key}"] = float(metrics.get(key, np.nan))
         report[f"f{fold}_epoch"] = float(metrics["epoch"])
-        report[f"f{fold}_best_val_macro_f1"] = float(tr.best_score)
+        report[f"f{fold}_best_val_macro_f1"] = float(tr.best_val_score)
     k = len(trainers)
     for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_gap"):
         report[key] = float(np.mean([report[f"f{f}_{key}"] for f in range(k)]))
-    # selection signal: each fold's best validation epoch (what early stopping keeps), averaged
-    report["score"] = float(np.mean([tr.best_score for tr in trainers]))
+    # selection signal: each fold's validation score at the epoch early stopping keeps, averaged
+    report["score"] = float(np.mean([tr.best_val_score for tr in trainers]))
     report["best_val_gap"] = float(np.mean([tr.best_metrics.get("val_gap", np.nan) for tr in trainers]))
     return report
 

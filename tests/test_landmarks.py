@@ -146,6 +146,8 @@ def test_landmark_weight_out_of_range_names_the_key():
         TrainConfig(landmark_input="pixels")
     with pytest.raises(ValueError, match="landmark_mirror.*landmark_input"):
         TrainConfig(landmark_weight=0.5, landmark_input="mesh", landmark_mirror=True)
+    with pytest.raises(ValueError, match="landmark_select.*'blend', 'network'.*'cnn'"):
+        TrainConfig(landmark_select="cnn")
 
 
 def test_each_landmark_input_is_computed_once_per_image_and_kind(bar_mesh):
@@ -207,6 +209,33 @@ def test_validation_scores_the_blend_with_the_landmark_model(bar_mesh):
     assert [plain.step()["train_loss"] for _ in range(3)] == pytest.approx(losses)  # training is untouched
     with pytest.raises(ValueError, match="val_blend: shape"):
         Trainer(cfg, x[20:], y[20:], x[:20], y[:20], 4, val_blend=(other[:5], 0.3))
+
+
+@pytest.mark.parametrize("select", ["blend", "network"])
+def test_landmark_select_says_whose_validation_score_keeps_the_epoch(select):
+    from sklearn.metrics import f1_score
+
+    from fer_core.training import Trainer, predict_proba
+
+    ds = bar_dataset(60)
+    x, y = np.array(ds.pixels), np.array(ds.labels)
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=0.01, landmark_weight=0.5, landmark_select=select,
+                      patience=6)
+    other = np.eye(4)[y[:20]]  # a landmark model that is always right: every blend scores 1.0
+    tr = Trainer(cfg, x[20:], y[20:], x[:20], y[:20], 4, val_blend=(other, 0.9))
+    own, blend = [], []
+    while not tr.done:
+        metrics = tr.step()
+        mine = f1_score(y[:20], predict_proba(tr.eval_model, tr.x_val).argmax(1), average="macro")
+        assert metrics["val_network_macro_f1"] == pytest.approx(mine)
+        own.append(mine)
+        blend.append(metrics["val_macro_f1"])
+    assert blend == pytest.approx([1.0] * 6)
+    assert int(np.argmax(own)) > 0  # (the network does improve here, so the two choices differ)
+    # "blend" keeps the first epoch at the blend's best; "network" the network's own best epoch
+    assert tr.best_epoch == (0 if select == "blend" else int(np.argmax(own)))
+    assert tr.best_val_score == pytest.approx(1.0)  # reported either way: the blend's, at the kept epoch
+    assert tr.best_score == pytest.approx(1.0 if select == "blend" else max(own))
 
 
 def _features(kind, pixels):
@@ -348,11 +377,16 @@ def test_tune_trials_fit_the_landmark_model_without_their_test_folds(bar_mesh, m
     real = crossval.fit_landmark_head
     monkeypatch.setattr(crossval, "fit_landmark_head",
                         lambda features, *a, **k: fitted.append(len(features)) or real(features, *a, **k))
-    trainers, tests = make_trainers(exp, ds, {"arch": "main", "landmark_weight": 0.5})
+    trainers, tests = make_trainers(exp, ds, {"arch": "main", "landmark_weight": 0.5,
+                                              "landmark_select": "network"})
     # each fold's validation is scored with a landmark model fitted on the fold's fitted images only
     assert fitted == [len(tr.y) for tr in trainers]
     assert all(tr.val_blend is not None and len(tr.val_blend[0]) == len(tr.y_val) for tr in trainers)
-    step_report(trainers)
+    report = step_report(trainers)
+    # the network's own score kept the epoch; ASHA and selection are told the blend's score there
+    kept = [tr.history[tr.best_epoch] for tr in trainers]
+    assert report["score"] == pytest.approx(np.mean([m["val_macro_f1"] for m in kept]))
+    assert [tr.best_score for tr in trainers] == [m["val_network_macro_f1"] for m in kept]
     fitted.clear()
     scores = final_scores(exp, ds, trainers, tests)
     assert fitted == [len(ds) - len(test) for test in tests]
