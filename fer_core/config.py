@@ -78,7 +78,7 @@ class TrainConfig:
     landmark_weight: float = 0.0
     landmark_mirror: bool = False
     landmark_input: str = "points"
-    landmark_select: str = "blend"
+    landmark_select: str = "network"
 
     def __post_init__(self) -> None:
         where = "TrainConfig"
@@ -289,6 +289,11 @@ LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_w
                     "landmark_input": "points", "landmark_select": "blend"}
 
 
+# Training keys that change nothing without the landmark model (landmark_weight 0): left out of the hash
+# there, so changing their default does not orphan results trained without landmarks.
+LANDMARK_ONLY_KEYS = ("landmark_select",)
+
+
 def config_hash(cfg: Any) -> str:
     """Short stable hash of a resolved config (dataclass or dict)."""
     data = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
@@ -296,12 +301,17 @@ def config_hash(cfg: Any) -> str:
 
 
 def _hashable(data: Any) -> Any:
-    """``data`` without the training keys of :data:`LATER_TRAIN_KEYS` that are at their defaults."""
+    """``data`` without the training keys that cannot have changed what it trained.
+
+    Those of :data:`LATER_TRAIN_KEYS` at their defaults, and those of :data:`LANDMARK_ONLY_KEYS` when the
+    landmark model is off.
+    """
     if not isinstance(data, dict):
         return data
     is_train = "arch" in data and "epochs" in data
     return {k: _hashable(v) for k, v in data.items()
-            if not (is_train and k in LATER_TRAIN_KEYS and v == LATER_TRAIN_KEYS[k])}
+            if not (is_train and (k in LATER_TRAIN_KEYS and v == LATER_TRAIN_KEYS[k]
+                                  or k in LANDMARK_ONLY_KEYS and not data.get("landmark_weight")))}
 
 
 def to_toml(data: dict[str, Any]) -> str:

@@ -129,7 +129,8 @@ def landmark_val_blend(cfg: TrainConfig, ds: FaceDataset, fit_idx: np.ndarray, v
                        ) -> tuple[np.ndarray, float] | None:
     """With ``landmark_weight`` > 0: the landmark model's validation probabilities and weight (else None).
 
-    Early stopping and selection (``study.tune``'s too) then score the blend that is used. This landmark
+    ``study.tune``'s ASHA signal and selection then score the blend that is used (and early stopping too,
+    with ``landmark_select = "blend"``; see :class:`~fer_core.training.Trainer`). This landmark
     model is fitted on ``fit_idx`` only, never on the validation images it scores; the one kept with the
     model (:func:`attach_landmarks`) is fitted afterwards on all the training images.
     """

@@ -63,6 +63,14 @@ def test_keys_added_later_leave_old_hashes_alone_until_used():
                {"stem_pool": False}, {"input_norm": "equalize"}, {"input_norm": "image"}, {"sam": 0.05})
     hashes = {config_hash(TrainConfig(**kw)) for kw in changes}
     assert len(hashes) == len(changes)
+    # landmark_select changes nothing without the landmark model, so it never changes that hash; with it,
+    # "blend" (what landmark runs did before the key existed) hashes as they did
+    for select in ("blend", "network"):
+        assert config_hash(TrainConfig(landmark_select=select)) == config_hash(TrainConfig())
+    with_landmarks = to_dict(TrainConfig(landmark_weight=0.5))
+    before = {k: v for k, v in with_landmarks.items() if k != "landmark_select"}
+    assert config_hash({**with_landmarks, "landmark_select": "blend"}) == config_hash(before)
+    assert config_hash({**with_landmarks, "landmark_select": "network"}) != config_hash(before)
     for bad in ({"width": float("inf")}, {"width": 0.0}, {"mixup": float("nan")}, {"mixup": -1.0},
                 {"erase": 1.5}, {"erase": float("nan")}, {"ema": 1.0}, {"ema": -0.1},
                 {"adv_weight": -1.0}, {"adv_weight": float("inf")}, {"input_norm": "per_image"},
