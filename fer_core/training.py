@@ -250,12 +250,11 @@ class Trainer:
         each example's target is then ``1 - distill`` of its label and ``distill`` of these.
     val_blend
         ``(probs, weight)``: another model's class probabilities for each validation example (e.g. the
-        landmark model's, fitted without the validation images); every validation metric, and so early
-        stopping and selection, is then that of ``1 - weight`` of the network's probabilities plus
-        ``weight`` of these, the blend that will be used. Each epoch also reports the network's own
-        ``val_network_macro_f1``; with ``cfg.landmark_select = "network"`` that score, not the blend's,
-        picks the epoch that early stopping keeps (the blend's score at that epoch is still the one
-        reported, :attr:`best_val_score`).
+        landmark model's, fitted without the validation images); every ``val_*`` metric is then that of
+        ``1 - weight`` of the network's probabilities plus ``weight`` of these, the blend that will be
+        used, and each epoch also reports the network's own ``val_network_macro_f1``. That one picks the
+        epoch early stopping keeps with ``cfg.landmark_select = "network"`` (the default), the blend's
+        with ``"blend"``; either way :attr:`best_val_score` is the blend's at the kept epoch.
     """
 
     def __init__(self, cfg: TrainConfig, train_pixels: np.ndarray, train_labels: np.ndarray,
