@@ -50,6 +50,11 @@ class SavedModel:
         """How pixels were scaled before ``mean`` and ``std`` (training key ``input_norm``)."""
         return str(self.config.get("input_norm", "dataset"))
 
+    @property
+    def face_align(self) -> bool:
+        """Whether the network reads faces the face mesh aligned (training key ``face_align``)."""
+        return bool(self.config.get("face_align", False))
+
 
 def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, classes: tuple[str, ...],
                input_size: tuple[int, int], mean: float, std: float, config: dict | None = None,

@@ -79,6 +79,7 @@ class TrainConfig:
     landmark_mirror: bool = False
     landmark_input: str = "points"
     landmark_select: str = "network"
+    face_align: bool = False
 
     def __post_init__(self) -> None:
         where = "TrainConfig"
@@ -286,7 +287,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 LATER_TRAIN_KEYS = {"width": 1.0, "mixup": 0.0, "erase": 0.0, "ema": 0.0, "adv_weight": 1.0, "init": "",
                     "stem_pool": True, "input_norm": "dataset", "teachers": [], "distill": 0.5,
                     "sam": 0.0, "landmark_weight": 0.0, "landmark_mirror": False,
-                    "landmark_input": "points", "landmark_select": "blend"}
+                    "landmark_input": "points", "landmark_select": "blend", "face_align": False}
 
 
 # Training keys that change nothing without the landmark model (landmark_weight 0): left out of the hash

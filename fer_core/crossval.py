@@ -17,7 +17,7 @@ from fer_core import __version__
 from fer_core.checkpoint import load_model
 from fer_core.config import SplitConfig, TrainConfig, config_hash, to_dict
 from fer_core.data import FaceDataset
-from fer_core.landmarks import fit_landmark_head, landmark_features
+from fer_core.landmarks import align_faces, fit_landmark_head, landmark_features
 from fer_core.metrics import classification_metrics, confusion
 from fer_core.splits import carve_validation, kfold_splits
 from fer_core.training import EpochCallback, FitResult, evaluate, fit, predict_saved, to_tensor
@@ -115,8 +115,9 @@ def train_on_split(cfg: TrainConfig, ds: FaceDataset, train_idx: np.ndarray, tes
     if extra_idx is not None:
         fit_idx = np.concatenate([fit_idx, np.asarray(extra_idx, dtype=fit_idx.dtype)])
     labels = ds.labels
-    result = fit(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
-                 len(ds.classes), train_groups=train_groups(ds, fit_idx, cfg),
+    result = fit(cfg, network_input(ds, fit_idx, cfg.face_align), labels[fit_idx],
+                 network_input(ds, val_idx, cfg.face_align), labels[val_idx], len(ds.classes),
+                 train_groups=train_groups(ds, fit_idx, cfg),
                  soft_targets=teacher_targets(ds, cfg, fold, test_idx, fit_idx), on_epoch_end=on_epoch_end,
                  val_blend=landmark_val_blend(cfg, ds, fit_idx, val_idx))
     attach_landmarks(result, cfg, ds, np.concatenate([fit_idx, val_idx]))
@@ -159,10 +160,18 @@ def attach_landmarks(result: FitResult, cfg: TrainConfig, ds: FaceDataset, rows:
                                          seed=cfg.seed, mirror=cfg.landmark_mirror, kind=cfg.landmark_input)
 
 
+def network_input(ds: FaceDataset, idx: np.ndarray, face_align: bool) -> np.ndarray:
+    """The images of rows ``idx`` as the network reads them: as they are, or aligned by the face mesh."""
+    if not face_align:
+        return ds.pixels[idx]
+    return align_faces(ds.pixels[idx], ds.manifest["image_id"].to_numpy()[idx])
+
+
 def score_fold(ds: FaceDataset, test_idx: np.ndarray, result: FitResult, fold: int) -> FoldRun:
     """Test metrics and the per-image prediction table of a fitted model."""
     device = next(result.model.parameters()).device
-    x_test = to_tensor(ds.pixels[test_idx], result.mean, result.std, device, result.input_norm)
+    x_test = to_tensor(network_input(ds, test_idx, result.face_align), result.mean, result.std, device,
+                       result.input_norm)
     y_test = ds.labels[test_idx]
     probs = evaluate(result.model, x_test, y_test, len(ds.classes))["probs"]
     if result.landmarks is not None:

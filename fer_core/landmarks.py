@@ -27,6 +27,7 @@ alone; a third pass changes nothing.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -41,12 +42,17 @@ from torch import nn
 
 from fer_core.config import LANDMARK_INPUTS
 
+logger = logging.getLogger(__name__)
+
 N_LANDMARKS = 468  # face mesh without iris refinement
 EYE_CORNERS = (33, 263)  # the outer corners of the two eyes in the mesh's numbering
 MESH_INPUT = 192  # the mesh's input: 192 x 192 RGB in [0, 1]
 FIRST_PASS_SCALE = 0.75  # the whole image fills this share of the first pass's input
 ROI_SCALE = 1.5  # MediaPipe's crop around the landmarks: 1.5 x their long side
 PAD = 1.0  # the image is padded by its own size (edge pixels) so crops never leave it
+# face_align: an aligned crop is the long side of the level points (no margin: fer4's faces fill their
+# images so); a crop outside these multiples of the image's side is taken for a face the mesh missed
+ALIGN_SIDES = (0.5, 1.5)
 MESH_WHEEL = "mediapipe==0.10.14"
 MESH_MEMBER = "mediapipe/modules/face_landmark/face_landmark.tflite"
 MESH_SHA256 = "1055cb9d4a9ca8b8c688902a3a5194311138ba256bcc94e336d8373a5f30c814"
@@ -176,6 +182,29 @@ class FaceMesh:
             out[i] = np.concatenate(parts)
         return out
 
+    def align(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, S, S) uint8 faces -> the same faces turned eyes-level, centred and scaled on the mesh's points.
+
+        Each face is cropped around its second-pass points, turned so the outer eye corners are level, the
+        crop's side the long side of the level points, and resampled to S x S. Also returned: which faces
+        were left as they were, because that crop's side was outside :data:`ALIGN_SIDES` of the image's.
+        """
+        pixels = np.asarray(pixels, dtype=np.uint8)
+        if pixels.ndim != 3 or pixels.shape[1] != pixels.shape[2]:
+            raise ValueError(f"face_align needs square (N, S, S) images; got shape {pixels.shape}")
+        out, kept = pixels.copy(), np.zeros(len(pixels), dtype=bool)
+        side = pixels.shape[1]
+        for i, image in enumerate(pixels):
+            center, size, angle = roi_of(self._two_passes(image))
+            size /= ROI_SCALE
+            if not ALIGN_SIDES[0] * side <= size <= ALIGN_SIDES[1] * side:
+                kept[i] = True
+                continue
+            pad = int(round(PAD * side))
+            padded = Image.fromarray(np.pad(image, pad, mode="edge"))
+            out[i] = np.asarray(crop_square(padded, pad, center, size, angle, side)[0])
+        return out, kept
+
     def _two_passes(self, image: np.ndarray, interpreter=None) -> np.ndarray:
         """The points of the second pass, in pixels of ``image``; ``interpreter`` ran it last."""
         side = float(image.shape[0])
@@ -190,16 +219,27 @@ class FaceMesh:
     def _crop_and_run(self, padded: Image.Image, pad: int, center: np.ndarray, size: float,
                       angle: float, interpreter=None) -> np.ndarray:
         """Run the mesh on the square of side ``size`` around ``center`` turned by ``angle``; image coords."""
-        cos, sin, k = np.cos(angle), np.sin(angle), size / MESH_INPUT
-        a, b, d, e = cos * k, -sin * k, sin * k, cos * k  # crop pixel (u, v) -> image (x, y)
-        tx = center[0] - (a + b) * MESH_INPUT / 2
-        ty = center[1] - (d + e) * MESH_INPUT / 2
-        crop = padded.transform((MESH_INPUT, MESH_INPUT), Image.Transform.AFFINE,
-                                (a, b, tx + pad, d, e, ty + pad), resample=Image.Resampling.BICUBIC)
+        crop, (a, b, tx, d, e, ty) = crop_square(padded, pad, center, size, angle, MESH_INPUT)
         uvz = self._run(np.asarray(crop, np.float32) / 255.0, interpreter)
         x = a * uvz[:, 0] + b * uvz[:, 1] + tx
         y = d * uvz[:, 0] + e * uvz[:, 1] + ty
-        return np.stack([x, y, uvz[:, 2] * k], axis=1)
+        return np.stack([x, y, uvz[:, 2] * size / MESH_INPUT], axis=1)
+
+
+def crop_square(padded: Image.Image, pad: int, center: np.ndarray, size: float, angle: float, out: int
+                ) -> tuple[Image.Image, tuple[float, ...]]:
+    """The square of side ``size`` around ``center`` (image coords), turned by ``angle``, as out x out.
+
+    ``padded`` is the image with ``pad`` pixels added on every side. Also returned: the affine map
+    (a, b, tx, d, e, ty) from a crop pixel (u, v) to image coords, x = a u + b v + tx, y = d u + e v + ty.
+    """
+    cos, sin, k = np.cos(angle), np.sin(angle), size / out
+    a, b, d, e = cos * k, -sin * k, sin * k, cos * k
+    tx = center[0] - (a + b) * out / 2
+    ty = center[1] - (d + e) * out / 2
+    crop = padded.transform((out, out), Image.Transform.AFFINE, (a, b, tx + pad, d, e, ty + pad),
+                            resample=Image.Resampling.BICUBIC)
+    return crop, (a, b, tx, d, e, ty)
 
 
 def roi_of(points: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -333,6 +373,32 @@ def fit_landmark_head(features: np.ndarray, labels: np.ndarray, num_classes: int
 
 
 _FEATURES: dict[tuple[str, str], np.ndarray] = {}  # features by (kind, image id: a content hash), per process
+_ALIGNED: dict[str, np.ndarray] = {}  # face_align's images by image id, per process
+
+
+def align_faces(pixels: np.ndarray, image_ids: np.ndarray | None = None, mesh: FaceMesh | None = None
+                ) -> np.ndarray:
+    """:meth:`FaceMesh.align`'s faces for ``pixels`` (N, S, S); with ``image_ids``, aligned once per process.
+
+    Faces the mesh missed are left as they were; their number is logged (a warning) on each call.
+    """
+    pixels = np.asarray(pixels)
+    keys = None if image_ids is None else [str(i) for i in image_ids]
+    todo = [j for j in range(len(pixels)) if keys is None or keys[j] not in _ALIGNED]
+    done = np.asarray(pixels, dtype=np.uint8).copy()
+    if todo:
+        aligned, kept = (mesh or FaceMesh()).align(pixels[todo])
+        if kept.any():
+            logger.warning("face_align: %d of %d faces left unaligned (the face mesh found no face the size "
+                           "of the image in them)", int(kept.sum()), len(todo))
+        done[todo] = aligned
+        if keys is not None:
+            for j, image in zip(todo, aligned, strict=True):
+                _ALIGNED[keys[j]] = image
+    if keys is not None:
+        for j, key in enumerate(keys):
+            done[j] = _ALIGNED[key]
+    return done
 
 
 def landmark_features(pixels: np.ndarray, image_ids: np.ndarray | None = None,

@@ -46,7 +46,7 @@ from torchvision.transforms.v2 import functional as TF
 from fer_core.checkpoint import SavedModel, load_weights_into
 from fer_core.config import TrainConfig
 from fer_core.fairness import accuracy_gap
-from fer_core.landmarks import LandmarkHead, landmark_features
+from fer_core.landmarks import LandmarkHead, align_faces, landmark_features
 from fer_core.metrics import macro_f1
 from fer_core.models import Adversary, GroupHeads, create_model
 
@@ -196,6 +196,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     input_norm: str = "dataset"
     landmarks: LandmarkHead | None = None  # fitted after training when ``landmark_weight`` > 0
+    face_align: bool = False  # the network reads faces the face mesh aligned (training key face_align)
 
 
 def group_cells(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
@@ -433,7 +434,8 @@ class Trainer:
         self.model.load_state_dict(self.best_state)
         model = self.model.collapse() if isinstance(self.model, (GroupHeads, Adversary)) else self.model
         model.eval()
-        return FitResult(model, self.mean, self.std, self.best_epoch, self.history, self.cfg.input_norm)
+        return FitResult(model, self.mean, self.std, self.best_epoch, self.history, self.cfg.input_norm,
+                         face_align=self.cfg.face_align)
 
     def epoch_order(self) -> torch.Tensor:
         """Example indices for one epoch: a permutation, or a balanced draw when resampling."""
@@ -637,10 +639,13 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256, flip
 def predict_saved(saved: SavedModel, pixels: np.ndarray, image_ids: np.ndarray | None = None) -> np.ndarray:
     """Class probabilities of a saved model for raw (N, H, W) pixels, its landmark model averaged in.
 
-    ``image_ids`` (content hashes) let the face-mesh landmarks of an image be computed once per process.
+    A model trained with ``face_align`` reads the faces the face mesh aligned. ``image_ids`` (content
+    hashes) let the mesh run once per image and process.
     """
     device = next(saved.model.parameters()).device
-    probs = predict_proba(saved.model, to_tensor(pixels, saved.mean, saved.std, device, saved.input_norm))
+    network_input = align_faces(pixels, image_ids) if saved.face_align else pixels
+    probs = predict_proba(saved.model, to_tensor(network_input, saved.mean, saved.std, device,
+                                                 saved.input_norm))
     if saved.landmarks is not None:
         features = landmark_features(pixels, image_ids, kind=saved.landmarks.features)
         probs = saved.landmarks.blend(probs, features)

@@ -21,6 +21,7 @@ from fer_core.config import config_hash, to_dict, to_toml
 from fer_core.crossval import (
     attach_landmarks,
     landmark_val_blend,
+    network_input,
     split_validation,
     teacher_targets,
     train_groups,
@@ -126,8 +127,9 @@ def refit_best(out: Path, doc: dict[str, Any], exp: ExperimentConfig, ds: FaceDa
     cfg = trial_train_config(exp.train, doc["train"])
     fit_idx, val_idx = split_validation(ds, np.arange(len(ds)), cfg, seed=exp.split.split_seed)
     labels = ds.labels
-    res = fit(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
-              len(ds.classes), train_groups=train_groups(ds, fit_idx, cfg),
+    res = fit(cfg, network_input(ds, fit_idx, cfg.face_align), labels[fit_idx],
+              network_input(ds, val_idx, cfg.face_align), labels[val_idx], len(ds.classes),
+              train_groups=train_groups(ds, fit_idx, cfg),
               soft_targets=teacher_targets(ds, cfg, None, np.arange(0), fit_idx),
               val_blend=landmark_val_blend(cfg, ds, fit_idx, val_idx))
     attach_landmarks(res, cfg, ds, np.arange(len(ds)))

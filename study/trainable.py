@@ -29,6 +29,7 @@ from ray import tune
 from fer_core.crossval import (
     attach_landmarks,
     landmark_val_blend,
+    network_input,
     score_fold,
     split_validation,
     teacher_targets,
@@ -58,8 +59,9 @@ def make_trainers(exp: ExperimentConfig, ds: FaceDataset, params: dict[str, Any]
     folds = kfold_splits(labels, ids, exp.split.k, exp.split.split_seed, ds.classes)
     for fold, (train_idx, test_idx) in enumerate(folds):
         fit_idx, val_idx = split_validation(ds, train_idx, cfg, seed=exp.split.split_seed * 1000 + fold)
-        trainers.append(Trainer(cfg, ds.pixels[fit_idx], labels[fit_idx], ds.pixels[val_idx], labels[val_idx],
-                                len(ds.classes), train_groups(ds, fit_idx, cfg),
+        trainers.append(Trainer(cfg, network_input(ds, fit_idx, cfg.face_align), labels[fit_idx],
+                                network_input(ds, val_idx, cfg.face_align), labels[val_idx], len(ds.classes),
+                                train_groups(ds, fit_idx, cfg),
                                 None if groups is None else groups[val_idx],
                                 teacher_targets(ds, cfg, fold, test_idx, fit_idx),
                                 landmark_val_blend(cfg, ds, fit_idx, val_idx)))

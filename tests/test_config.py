@@ -60,7 +60,8 @@ def test_keys_added_later_leave_old_hashes_alone_until_used():
     assert config_hash(TrainConfig(width=2.0)) != config_hash(TrainConfig())
     assert config_hash(TrainConfig(mixup=0.2)) != config_hash(TrainConfig())
     changes = ({}, {"erase": 0.5}, {"ema": 0.99}, {"adv_weight": 0.5}, {"init": __file__},
-               {"stem_pool": False}, {"input_norm": "equalize"}, {"input_norm": "image"}, {"sam": 0.05})
+               {"stem_pool": False}, {"input_norm": "equalize"}, {"input_norm": "image"}, {"sam": 0.05},
+               {"face_align": True})
     hashes = {config_hash(TrainConfig(**kw)) for kw in changes}
     assert len(hashes) == len(changes)
     # landmark_select changes nothing without the landmark model, so it never changes that hash; with it,
