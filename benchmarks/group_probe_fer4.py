@@ -33,6 +33,7 @@ from sklearn.preprocessing import StandardScaler
 
 from fer_core.checkpoint import load_model
 from fer_core.data import load_dataset
+from fer_core.landmarks import align_faces
 from fer_core.training import to_tensor
 
 MIN_PER_GROUP = 10  # a class needs this many test images of each group to be probed (5 folds of 2+)
@@ -49,8 +50,10 @@ def run_features(model_path: Path, run_path: Path, pixels_by_id: dict[str, np.nd
     saved = load_model(model_path)
     if not hasattr(saved.model, "features"):
         raise SystemExit(f"{model_path}: architecture {saved.arch!r} has no features() to probe")
-    x = to_tensor(np.stack([pixels_by_id[i] for i in rows["image_id"]]), saved.mean, saved.std,
-                  torch.device("cpu"), saved.input_norm)
+    pixels = np.stack([pixels_by_id[i] for i in rows["image_id"]])
+    if saved.face_align:  # the network reads the faces the face mesh aligned
+        pixels = align_faces(pixels, rows["image_id"].to_numpy())
+    x = to_tensor(pixels, saved.mean, saved.std, torch.device("cpu"), saved.input_norm)
     with torch.no_grad():
         feats = saved.model.eval().features(x).numpy()
     return rows.assign(features=list(feats))

@@ -34,7 +34,7 @@ import ensemble_fer4  # noqa: E402  (per-image probability averaging and the pai
 import kfold_fer4  # noqa: E402  (the fer4 import and the fold runs)
 
 from fer_core.config import SplitConfig, TrainConfig, config_hash, from_dict, parse_overrides  # noqa: E402
-from fer_core.crossval import prediction_frame  # noqa: E402
+from fer_core.crossval import network_input, prediction_frame  # noqa: E402
 from fer_core.data import FaceDataset  # noqa: E402
 from fer_core.training import to_tensor  # noqa: E402
 
@@ -68,7 +68,8 @@ def seed_predictions(cfg: TrainConfig, full: FaceDataset, k: int, folds: list[in
     for run in kfold_fer4.run_folds(cfg, SplitConfig(k=k), full, folds, extra=False):
         rows = row_of.loc[run.predictions["image_id"]].to_numpy()
         model = run.result.model
-        x = to_tensor(full.pixels[rows], run.result.mean, run.result.std, next(model.parameters()).device)
+        x = to_tensor(network_input(full, rows, run.result.face_align), run.result.mean, run.result.std,
+                      next(model.parameters()).device)
         for view, shifts in VIEWS.items():
             probs = view_probs(model, x, shifts)
             if view == "flip":  # the same numbers every entry point scores
