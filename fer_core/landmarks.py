@@ -10,6 +10,10 @@ given to the landmarks (``benchmarks/landmarks_fer4.py`` measured +1.7 to +3.6 p
 them: the activations of two of its inner layers on the aligned face (:data:`MESH_LAYERS`), 2304 numbers
 that describe the face's appearance around its parts as well as their place.
 
+With ``face_align`` (a training key, independent of the landmark model) the CNN itself reads each face as
+the mesh frames it: turned so the eye line is level, centred on the points and scaled to their extent
+(:meth:`FaceMesh.align`, :func:`align_faces`).
+
 The mesh runs here with Google's TFLite runtime (``ai-edge-litert``), not with the ``mediapipe`` package,
 whose last release that carries the model pins ``protobuf<5`` against the project's tensorboard. The model
 file, ``face_landmark.tflite``, is not in this repository: ``python -m study.landmarks fetch`` takes it out
@@ -380,7 +384,7 @@ def align_faces(pixels: np.ndarray, image_ids: np.ndarray | None = None, mesh: F
                 ) -> np.ndarray:
     """:meth:`FaceMesh.align`'s faces for ``pixels`` (N, S, S); with ``image_ids``, aligned once per process.
 
-    Faces the mesh missed are left as they were; their number is logged (a warning) on each call.
+    Faces the mesh missed are left as they were; a warning counts them whenever new faces are aligned.
     """
     pixels = np.asarray(pixels)
     keys = None if image_ids is None else [str(i) for i in image_ids]
