@@ -103,7 +103,10 @@ def run_study(data: str, results: str, overrides: list[str]) -> Path:
         print(f"search: reusing the finished study in {study}")
     else:
         start = time.perf_counter()
-        tune.main(["--resume", str(study)] if (study / "tune").exists() else ["--config", config, *overrides])
+        status = tune.main(["--resume", str(study)] if (study / "tune").exists()
+                           else ["--config", config, *overrides])
+        if status != 0:  # stopped part way (run this script again to go on), or no trial completed
+            raise SystemExit(status)
         print(f"search: {(time.perf_counter() - start) / 60:.1f} min")
     return study
 

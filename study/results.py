@@ -46,10 +46,11 @@ def trial_status(result: tune.Result) -> str:
 
 def trial_rows(result: tune.Result, exp: ExperimentConfig, chash: str) -> list[dict[str, Any]]:
     """One row per fold x epoch of one trial (a single row with NaNs for a trial that never reported)."""
+    config = result.config or {}  # None for a trial Tune never started
     base = {"study": exp.name, "trial_id": (result.metrics or {}).get("trial_id", Path(result.path).name),
-            "arch": result.config.get("arch", exp.train.arch), "status": trial_status(result),
+            "arch": config.get("arch", exp.train.arch), "status": trial_status(result),
             "config_hash": chash, "version": __version__}
-    base.update({f"hp_{k}": v for k, v in result.config.items()})
+    base.update({f"hp_{k}": v for k, v in config.items()})
     history = result.metrics_dataframe
     if history is None or history.empty:
         return [{**base, "fold": -1, "epoch": -1}]

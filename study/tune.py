@@ -93,6 +93,9 @@ def check_init_fits(exp: ExperimentConfig) -> None:
     check_init(exp.train.init, archs, widths, where)
 
 
+INTERRUPTED = 130  # the exit status of a study stopped before all its trials finished (as after Ctrl-C)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) a study and write its tables, best config and refit model."""
     args = parse_args(argv)
@@ -113,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                     data.name, len(data), exp.split.k, resources, out)
         tuner = (restore_tuner if args.resume else make_tuner)(exp, data, resources, out)
         results = tuner.fit()
+        finished = results.num_terminated + results.num_errors
+        if finished < exp.search.num_samples:  # stopped (Ctrl-C): Tune saved its state; tables would mislead
+            print(f"\nthe study stopped with {finished} of {exp.search.num_samples} trials finished; no "
+                  f"table or best model written. Go on with: python -m study.tune --resume {out}")
+            return INTERRUPTED
         summary = write_outputs(out, results, exp)
         print(f"\ntop 5 of {len(summary)} trials (objective = {exp.search.objective}):")
         print(top_table(summary, exp))

@@ -246,6 +246,27 @@ def kill_part_way(config: Path, results: Path, tmpdir: Path) -> None:
     assert not (results / "killme" / "trials.parquet").exists()
 
 
+def test_ctrl_c_stops_the_study_saying_how_to_resume(tmp_path):
+    config = tmp_path / "study.toml"
+    config.write_text(STUDY)
+    results = tmp_path / "r"
+    env = {**ENV, "TMPDIR": str(tmp_path), "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", tempfile.gettempdir())}
+    proc = subprocess.Popen([sys.executable, "-m", "study.tune", "--config", str(config),
+                             f"results_dir={results}"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not trial_part_way(results / "killme", EPOCHS) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the study finished before it could be stopped"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert f"python -m study.tune --resume {results / 'killme'}" in out
+    assert not (results / "killme" / "trials.parquet").exists()
+    assert not (results / "killme" / "best.toml").exists()
+    check_resumable(results / "killme" / "tune")  # Tune saved its state on the way out
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     config = tmp_path / "study.toml"
     config.write_text(STUDY)
