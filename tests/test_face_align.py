@@ -1,7 +1,6 @@
 """``face_align``: the network reads each face turned eyes-level and framed on the face mesh's points."""
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +10,9 @@ from fer_core.checkpoint import load_model, save_model
 from fer_core.config import SplitConfig, TrainConfig, load_config, to_dict
 from fer_core.crossval import run_kfold
 from fer_core.training import predict_saved
+from tests.conftest import FER4
 from tests.helpers import bar_dataset
 
-FER4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer4"
 S = 48
 
 
@@ -122,13 +121,7 @@ def test_face_align_must_be_a_boolean():
 
 
 @pytest.mark.realdata
-def test_aligned_fer4_faces_have_level_eyes():
-    if not (FER4 / "Data").is_dir():
-        pytest.skip(f"{FER4}: absent (the realdata tests expect ../shared/data/fer4 beside the repository)")
-    try:
-        landmarks.check_mesh_model()
-    except (FileNotFoundError, ValueError) as err:
-        pytest.skip(f"no face-mesh model ({err})")
+def test_aligned_fer4_faces_have_level_eyes(fer4_and_mesh):
     from PIL import Image
 
     every = sorted((FER4 / "Data").rglob("*.png"))

@@ -14,9 +14,8 @@ import fer_core.landmarks as landmarks
 from fer_core.checkpoint import load_model, save_model
 from fer_core.config import SplitConfig, TrainConfig
 from fer_core.training import predict_saved
+from tests.conftest import FER4
 from tests.helpers import BarMesh, bar_dataset
-
-FER4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer4"
 
 
 @pytest.fixture
@@ -309,17 +308,6 @@ def test_missing_model_file_says_how_to_get_it(tmp_path, monkeypatch):
     done = subprocess.run([sys.executable, "-m", "study.landmarks", "check"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 2 and "none.tflite" in done.stderr and "sha256" in done.stderr
-
-
-@pytest.fixture
-def fer4_and_mesh():
-    """Skip, saying which, unless fer4 is beside the repository and the face-mesh model is fetched."""
-    if not (FER4 / "Data").is_dir():
-        pytest.skip(f"{FER4}: absent (the realdata tests expect ../shared/data/fer4 beside the repository)")
-    try:
-        landmarks.check_mesh_model()
-    except (FileNotFoundError, ValueError) as err:
-        pytest.skip(f"no face-mesh model ({err})")
 
 
 @pytest.mark.realdata
