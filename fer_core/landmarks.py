@@ -377,7 +377,20 @@ def fit_landmark_head(features: np.ndarray, labels: np.ndarray, num_classes: int
 
 
 _FEATURES: dict[tuple[str, str], np.ndarray] = {}  # features by (kind, image id: a content hash), per process
-_ALIGNED: dict[str, np.ndarray] = {}  # face_align's images by image id, per process
+_ALIGNED: dict[tuple[str, str], np.ndarray] = {}  # face_align's images by ("align", image id), per process
+
+
+def _once_per_image(store: dict, keys: list[tuple[str, str]], pixels: np.ndarray, compute, empty: np.ndarray
+                    ) -> np.ndarray:
+    """``compute(images)``'s rows for ``pixels``, each computed once per process and kept in ``store``.
+
+    ``empty`` is what no image gives (its shape and dtype).
+    """
+    todo = [j for j, key in enumerate(keys) if key not in store]
+    if todo:
+        for j, row in zip(todo, compute(pixels[todo]), strict=True):
+            store[keys[j]] = row
+    return np.stack([store[key] for key in keys]) if keys else empty
 
 
 def align_faces(pixels: np.ndarray, image_ids: np.ndarray | None = None, mesh: FaceMesh | None = None
@@ -386,23 +399,18 @@ def align_faces(pixels: np.ndarray, image_ids: np.ndarray | None = None, mesh: F
 
     Faces the mesh missed are left as they were; a warning counts them whenever new faces are aligned.
     """
-    pixels = np.asarray(pixels)
-    keys = None if image_ids is None else [str(i) for i in image_ids]
-    todo = [j for j in range(len(pixels)) if keys is None or keys[j] not in _ALIGNED]
-    done = np.asarray(pixels, dtype=np.uint8).copy()
-    if todo:
-        aligned, kept = (mesh or FaceMesh()).align(pixels[todo])
+    def compute(images: np.ndarray) -> np.ndarray:
+        aligned, kept = (mesh or FaceMesh()).align(images)
         if kept.any():
             logger.warning("face_align: %d of %d faces left unaligned (the face mesh found no face the size "
-                           "of the image in them)", int(kept.sum()), len(todo))
-        done[todo] = aligned
-        if keys is not None:
-            for j, image in zip(todo, aligned, strict=True):
-                _ALIGNED[keys[j]] = image
-    if keys is not None:
-        for j, key in enumerate(keys):
-            done[j] = _ALIGNED[key]
-    return done
+                           "of the image in them)", int(kept.sum()), len(images))
+        return aligned
+
+    pixels = np.asarray(pixels, dtype=np.uint8)
+    if image_ids is None:
+        return compute(pixels)
+    return _once_per_image(_ALIGNED, [("align", str(i)) for i in image_ids], pixels, compute,
+                           pixels[:0])
 
 
 def landmark_features(pixels: np.ndarray, image_ids: np.ndarray | None = None,
@@ -422,10 +430,6 @@ def landmark_features(pixels: np.ndarray, image_ids: np.ndarray | None = None,
     pixels = np.asarray(pixels)
     if image_ids is None:
         return compute(pixels)
-    keys = [(kind, str(i)) for i in image_ids]
-    todo = [j for j, key in enumerate(keys) if key not in _FEATURES]
-    if todo:
-        for j, row in zip(todo, compute(pixels[todo]), strict=True):
-            _FEATURES[keys[j]] = row
     width = 2 * N_LANDMARKS if kind == "points" else MESH_FEATURES
-    return np.stack([_FEATURES[key] for key in keys]) if keys else np.zeros((0, width))
+    return _once_per_image(_FEATURES, [(kind, str(i)) for i in image_ids], pixels, compute,
+                           np.zeros((0, width)))
