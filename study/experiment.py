@@ -55,6 +55,7 @@ class SearchConfig:
     checkpoint_seconds: float = 60.0
     max_failures: int = 2
     refit: bool = True
+    start_from_train: bool = False
     space: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,6 +95,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         validate_space(self.search.space, self.name, self.train)
+        if self.search.start_from_train:
+            train_point(self)  # a [train] value outside the space fails now, not when the search starts
 
 
 def validate_space(space: dict[str, Any], where: str, base: TrainConfig | None = None) -> None:
@@ -115,6 +118,28 @@ def validate_space(space: dict[str, Any], where: str, base: TrainConfig | None =
                 from_dict(TrainConfig, {**fixed, name: choice}, "TrainConfig")
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{where}: search.space.{name} = {spec!r}: {exc}") from None
+
+
+_OUTSIDE = ("{where}: search.start_from_train = true makes [train] the first trial, but train.{0} = {1!r} is "
+            "outside search.space.{0} = {2!r}; set train.{0} inside it, widen the space, or turn "
+            "start_from_train off")
+
+
+def train_point(exp: ExperimentConfig) -> dict[str, Any]:
+    """The searched keys at their ``[train]`` values: the first trial when ``search.start_from_train``.
+
+    Starting from the recipe one already trusts means the search's best, by the same validation score,
+    is never one it did not try against that recipe.
+    """
+    point = {}
+    for name, spec in exp.search.space.items():
+        value = getattr(exp.train, name)
+        inside = (value in spec if isinstance(spec, list)
+                  else spec["low"] <= value <= spec["high"] and (not spec.get("int") or value == int(value)))
+        if not inside:
+            raise ValueError(_OUTSIDE.format(name, value, spec, where=exp.name))
+        point[name] = value
+    return point
 
 
 def load_config(cls: type, path: str | None, overrides: list[str] | None = None,

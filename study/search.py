@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from fer_core.data import FaceDataset
-from study.experiment import ExperimentConfig
+from study.experiment import ExperimentConfig, train_point
 from study.trainable import run_trial
 
 logger = logging.getLogger(__name__)
@@ -82,13 +82,18 @@ def _short(v: Any) -> str:
 
 
 def make_searcher(exp: ExperimentConfig) -> OptunaSearch:
-    """Seeded TPE over the experiment's space; two objectives in ``pareto`` mode."""
+    """Seeded TPE over the experiment's space; two objectives in ``pareto`` mode.
+
+    With ``search.start_from_train`` the first trial is the ``[train]`` recipe itself (Optuna enqueues it).
+    """
     s = exp.search
     sampler = optuna.samplers.TPESampler(seed=s.search_seed, n_startup_trials=s.n_startup_trials)
+    first = [train_point(exp)] if s.start_from_train else None
     if s.objective == "pareto":
         return OptunaSearch(space=SearchSpace(s.space), metric=PARETO_METRICS, mode=["max", "min"],
-                            sampler=sampler)
-    return OptunaSearch(space=SearchSpace(s.space), metric="objective", mode="max", sampler=sampler)
+                            sampler=sampler, points_to_evaluate=first)
+    return OptunaSearch(space=SearchSpace(s.space), metric="objective", mode="max", sampler=sampler,
+                        points_to_evaluate=first)
 
 
 def make_scheduler(exp: ExperimentConfig) -> ASHAScheduler | None:

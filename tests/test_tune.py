@@ -17,9 +17,9 @@ import pytest
 
 from fer_core.data import image_id
 from study import evaluate
-from study.experiment import load_experiment
+from study.experiment import load_experiment, trial_train_config
 from study.results import best_trial, summary_table
-from study.search import check_resumable, make_scheduler
+from study.search import check_resumable, make_scheduler, make_searcher
 from study.trainable import make_trainers
 from tests.helpers import bar_dataset
 
@@ -102,6 +102,28 @@ def test_a_grace_period_longer_than_the_budget_is_a_named_error():
     with pytest.raises(ValueError, match="search.grace_period = 6 is more than the largest epoch budget, 4"):
         make_scheduler(exp)
     assert make_scheduler(load_experiment(None, ["train.epochs=6", "search.grace_period=6"])) is not None
+
+
+@pytest.mark.parametrize("objective", ["accuracy", "pareto"])
+def test_start_from_train_makes_the_recipe_the_first_trial(objective):
+    fer4 = str(ROOT / "experiments" / "fer4.toml")
+    overrides = ["train.lr=0.004", "train.dropout=0.2", "train.optimizer=sgd",
+                 f"search.objective={objective}", "search.scheduler=fifo"]
+    exp = load_experiment(fer4, [*overrides, "search.start_from_train=true"])
+    searcher = make_searcher(exp)
+    first, second = searcher.suggest("t0"), searcher.suggest("t1")
+    assert set(first) == set(exp.search.space)
+    assert trial_train_config(exp.train, first) == exp.train  # the first trial trains exactly [train]
+    assert trial_train_config(exp.train, second) != exp.train  # after it, TPE draws
+    plain = make_searcher(load_experiment(fer4, overrides)).suggest("t0")
+    assert trial_train_config(exp.train, plain) != exp.train
+
+
+def test_start_from_train_outside_the_space_names_the_key():
+    with pytest.raises(ValueError, match=r"train.batch_size = 48 is outside search.space.batch_size"):
+        load_experiment(str(ROOT / "experiments" / "fer4.toml"), ["search.start_from_train=true",
+                                                                  "train.batch_size=48"])
+    load_experiment(str(ROOT / "experiments" / "fer4.toml"), ["train.batch_size=48"])  # off: no check
 
 
 def test_resume_without_a_study_names_the_folder(tmp_path):
