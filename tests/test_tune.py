@@ -115,7 +115,7 @@ def test_start_from_train_makes_the_recipe_the_first_trial(objective):
     assert set(first) == set(exp.search.space)
     assert trial_train_config(exp.train, first) == exp.train  # the first trial trains exactly [train]
     assert trial_train_config(exp.train, second) != exp.train  # after it, TPE draws
-    plain = make_searcher(load_experiment(fer4, overrides)).suggest("t0")
+    plain = make_searcher(load_experiment(fer4, [*overrides, "search.start_from_train=false"])).suggest("t0")
     assert trial_train_config(exp.train, plain) != exp.train
 
 
@@ -123,7 +123,8 @@ def test_start_from_train_outside_the_space_names_the_key():
     with pytest.raises(ValueError, match=r"train.batch_size = 48 is outside search.space.batch_size"):
         load_experiment(str(ROOT / "experiments" / "fer4.toml"), ["search.start_from_train=true",
                                                                   "train.batch_size=48"])
-    load_experiment(str(ROOT / "experiments" / "fer4.toml"), ["train.batch_size=48"])  # off: no check
+    load_experiment(str(ROOT / "experiments" / "fer4.toml"), ["search.start_from_train=false",
+                                                              "train.batch_size=48"])  # off: no check
 
 
 def test_resume_without_a_study_names_the_folder(tmp_path):
