@@ -16,6 +16,9 @@ The 5-fold runs of steps 2 and 3 are independent (configuration x fold), so they
 
 Run: ``python benchmarks/tune_fer4.py --data DIR [--baseline DIR] [key=value ...]`` (overrides of the
 experiment, e.g. ``search.num_samples=12``). About two hours on 2 idle CPU cores: run it in the background.
+``experiments/fer4.toml`` fixes aligned faces and the mesh landmarks (``python -m study.landmarks fetch``
+first); the recipe with the same keys is ``--recipe face_align=true --recipe landmark_weight=0.5 --recipe
+landmark_input=mesh`` (Search 7 in benchmarks/README.md ran with those and ``--top 1 --no-default``).
 """
 
 from __future__ import annotations
