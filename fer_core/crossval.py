@@ -20,7 +20,16 @@ from fer_core.data import FaceDataset
 from fer_core.landmarks import align_faces, fit_landmark_head, landmark_features
 from fer_core.metrics import classification_metrics, confusion
 from fer_core.splits import carve_validation, kfold_splits
-from fer_core.training import EpochCallback, FitResult, evaluate, fit, predict_saved, to_tensor
+from fer_core.training import (
+    EpochCallback,
+    FitResult,
+    balancing_weights,
+    evaluate,
+    fit,
+    group_cells,
+    predict_saved,
+    to_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +149,8 @@ def landmark_val_blend(cfg: TrainConfig, ds: FaceDataset, fit_idx: np.ndarray, v
     ids, kind = ds.manifest["image_id"].to_numpy(), cfg.landmark_input
     head = fit_landmark_head(landmark_features(ds.pixels[fit_idx], ids[fit_idx], kind=kind),
                              ds.labels[fit_idx], len(ds.classes), cfg.landmark_weight, seed=cfg.seed,
-                             mirror=cfg.landmark_mirror, kind=kind)
+                             mirror=cfg.landmark_mirror, kind=kind,
+                             sample_weight=landmark_sample_weight(ds, fit_idx, cfg))
     val = landmark_features(ds.pixels[val_idx], ids[val_idx], kind=kind)
     return head.predict_proba(val), cfg.landmark_weight
 
@@ -157,7 +167,21 @@ def attach_landmarks(result: FitResult, cfg: TrainConfig, ds: FaceDataset, rows:
     features = landmark_features(ds.pixels[rows], ds.manifest["image_id"].to_numpy()[rows],
                                  kind=cfg.landmark_input)
     result.landmarks = fit_landmark_head(features, ds.labels[rows], len(ds.classes), cfg.landmark_weight,
-                                         seed=cfg.seed, mirror=cfg.landmark_mirror, kind=cfg.landmark_input)
+                                         seed=cfg.seed, mirror=cfg.landmark_mirror, kind=cfg.landmark_input,
+                                         sample_weight=landmark_sample_weight(ds, rows, cfg))
+
+
+def landmark_sample_weight(ds: FaceDataset, rows: np.ndarray, cfg: TrainConfig) -> np.ndarray | None:
+    """Weights of the landmark model's faces under a mitigation that weights examples, else None.
+
+    ``resample`` and ``reweight`` weight the CNN's examples by the inverse size of their class x group
+    cell (drawn or in the loss); the landmark model, a logistic regression with no epochs to draw, is fitted
+    with those weights under either. The other mitigations change the CNN's training alone, so the
+    landmark model averaged into their predictions is fitted as without mitigation.
+    """
+    if cfg.mitigation not in ("resample", "reweight"):
+        return None
+    return balancing_weights(group_cells(ds.labels[rows], train_groups(ds, rows, cfg)))
 
 
 def network_input(ds: FaceDataset, idx: np.ndarray, face_align: bool) -> np.ndarray:

@@ -320,7 +320,8 @@ def mirror_features(features: np.ndarray, partners: np.ndarray) -> np.ndarray:
 
 
 def fit_landmark_head(features: np.ndarray, labels: np.ndarray, num_classes: int, weight: float,
-                      seed: int = 0, mirror: bool = False, kind: str = "points") -> LandmarkHead:
+                      seed: int = 0, mirror: bool = False, kind: str = "points",
+                      sample_weight: np.ndarray | None = None) -> LandmarkHead:
     """Standardise, then a multinomial logistic regression (C by a 3-fold macro-F1 search) on ``features``.
 
     ``kind`` says what ``features`` are (an entry of :data:`LANDMARK_INPUTS`, as :func:`landmark_features`
@@ -329,6 +330,9 @@ def fit_landmark_head(features: np.ndarray, labels: np.ndarray, num_classes: int
     With ``mirror``, each face's mirror image (:func:`mirror_features`) is fitted as a second example of
     its class; a face and its mirror always fall in the same fold of the search for C. A class absent from
     ``labels`` keeps probability 0 (its logit is fixed at -inf).
+
+    ``sample_weight`` (one per face; a mirror gets its face's) weights each face's log-loss, as the
+    ``resample`` and ``reweight`` mitigations weight the CNN's; the search for C still scores unweighted.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, StratifiedKFold
@@ -347,9 +351,17 @@ def fit_landmark_head(features: np.ndarray, labels: np.ndarray, num_classes: int
                          f"only class {present.tolist()}")
     n_splits = int(min(3, np.bincount(labels)[present].min()))
     faces = np.arange(len(labels))
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, dtype=float)
+        if sample_weight.shape != labels.shape:
+            raise ValueError(f"sample_weight has shape {sample_weight.shape}; it needs one weight per face, "
+                             f"{labels.shape}")
     if mirror:
         features = np.concatenate([features, mirror_features(features, mirror_partners(features))])
         labels, faces = np.concatenate([labels, labels]), np.concatenate([faces, faces])
+        if sample_weight is not None:
+            sample_weight = np.concatenate([sample_weight, sample_weight])
+    weights = {} if sample_weight is None else {"logisticregression__sample_weight": sample_weight}
     pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     if n_splits >= 2:
         if mirror:  # a face's mirror must not help choose C by predicting the face itself
@@ -357,9 +369,9 @@ def fit_landmark_head(features: np.ndarray, labels: np.ndarray, num_classes: int
         else:
             cv = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
         search = GridSearchCV(pipe, {"logisticregression__C": list(grid)}, scoring="f1_macro", cv=cv)
-        pipe = search.fit(features, labels, groups=faces if mirror else None).best_estimator_
+        pipe = search.fit(features, labels, groups=faces if mirror else None, **weights).best_estimator_
     else:  # too few images per class to search C: the middle value
-        pipe.set_params(logisticregression__C=grid[len(grid) // 2]).fit(features, labels)
+        pipe.set_params(logisticregression__C=grid[len(grid) // 2]).fit(features, labels, **weights)
     scaler, lr = pipe.named_steps["standardscaler"], pipe.named_steps["logisticregression"]
     head = LandmarkHead(features.shape[1], num_classes, weight, kind)
     head.center.copy_(torch.as_tensor(scaler.mean_))

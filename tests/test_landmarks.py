@@ -379,3 +379,52 @@ def test_tune_trials_fit_the_landmark_model_without_their_test_folds(bar_mesh, m
     scores = final_scores(exp, ds, trainers, tests)
     assert fitted == [len(ds) - len(test) for test in tests]
     assert 0 <= scores["cv_macro_f1"] <= 1
+
+
+def test_sample_weight_fits_the_weighted_sklearn_model():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels = _features_and_labels()
+    weights = np.where(labels == 2, 5.0, 1.0)
+    head = landmarks.fit_landmark_head(features, labels, 4, weight=1.0, seed=3, sample_weight=weights)
+    search = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)),
+                          {"logisticregression__C": [0.01, 0.1, 1.0]}, scoring="f1_macro",
+                          cv=StratifiedKFold(3, shuffle=True, random_state=3))
+    search.fit(features, labels, logisticregression__sample_weight=weights)
+    new = np.random.default_rng(1).normal(size=(50, 10))
+    np.testing.assert_allclose(head.predict_proba(new), search.predict_proba(new), atol=1e-9)
+    plain = landmarks.fit_landmark_head(features, labels, 4, weight=1.0, seed=3)
+    assert np.abs(head.predict_proba(new) - plain.predict_proba(new)).max() > 1e-3  # the weights count
+    with pytest.raises(ValueError, match="one weight per face"):
+        landmarks.fit_landmark_head(features, labels, 4, weight=1.0, sample_weight=weights[:-1])
+
+
+@pytest.mark.parametrize("mitigation", ["none", "resample", "reweight", "groupdro"])
+def test_weighting_mitigations_weight_the_landmark_model_as_the_cnn(bar_mesh, monkeypatch, mitigation):
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    ds = bar_dataset(60)
+    ds.manifest.loc[ds.manifest.index[:20], "gender"] = "Male"  # unequal class x gender cells
+    features = landmarks.normalise(BarMesh()(ds.pixels))
+    row_of = {tuple(np.round(row, 9)): i for i, row in enumerate(features)}
+    seen = []
+    real = crossval.fit_landmark_head
+
+    def spy(features, labels, *args, sample_weight=None, **kwargs):
+        seen.append(([row_of[tuple(np.round(row, 9))] for row in features], sample_weight))
+        return real(features, labels, *args, sample_weight=sample_weight, **kwargs)
+
+    monkeypatch.setattr(crossval, "fit_landmark_head", spy)
+    cfg = TrainConfig(epochs=1, batch_size=16, landmark_weight=0.5, mitigation=mitigation)
+    crossval.run_kfold(cfg, SplitConfig(k=2), ds)
+    assert len(seen) == 4
+    for rows, weights in seen:
+        if mitigation in ("none", "groupdro"):
+            assert weights is None
+            continue
+        cells = ds.manifest["label"].iloc[rows] + "|" + ds.manifest["gender"].iloc[rows]
+        assert cells.nunique() > 4 and len(set(np.round(weights, 9))) > 1
+        np.testing.assert_allclose(weights, compute_sample_weight("balanced", cells.to_numpy()))
