@@ -233,6 +233,39 @@ def test_postprocess_benchmark_refuses_a_dataset_the_sweep_did_not_use(sweep, tm
 
 
 @pytest.mark.ray
+def test_unseen_benchmark_finds_the_planted_effect_on_images_no_run_saw(sweep, tmp_path, capsys):
+    """The sweep's models on extra women's faces none of them trained, validated or was tested on: the
+    planted representational effect (no woman in training reads faint expressions as Neutral) must show
+    there too, and each run's test-fold women's accuracy must be the one in predictions.parquet."""
+    unseen = _benchmark("unseen_fer4")
+    out, args = sweep
+    exp = load_sweep(CONFIG, args[2:])
+    with_extras = bias_sweep.load_data(exp.data.path, {**exp.data.synthetic, "n_extra": 240})
+    trained = bias_sweep.load_data(exp.data.path, exp.data.synthetic)
+    base = with_extras.manifest["subset"].eq("base").to_numpy()
+    assert with_extras.manifest["image_id"][base].tolist() == trained.manifest["image_id"].tolist()
+    data = save_dataset(with_extras, tmp_path / "with-extras")
+    assert unseen.main([str(out), "--data", str(data)]) == 0
+    printed = capsys.readouterr().out
+    assert "240 unseen images (gender = Female)" in printed
+    table = pd.read_parquet(out / "unseen.parquet").set_index("run_id")
+    assert len(table) == 18
+    preds = pd.read_parquet(out / "predictions.parquet")
+    women = preds[preds["gender"] == "Female"]
+    expected = (women["y_true"] == women["y_pred"]).groupby(women["run_id"]).mean()
+    np.testing.assert_allclose(table.loc[expected.index, "test_focus_accuracy"], expected)
+    change = unseen.representational(table.reset_index(), "unseen_accuracy").set_index("mitigation")
+    assert change.loc["level 1", "high"] < 0  # interval of the change, points, below 0
+    assert change.loc["level 1", "units"] == 6
+
+    mixed = with_extras.manifest.copy()
+    mixed.loc[~base, "gender"] = "Male"
+    other = save_dataset(dataclasses.replace(with_extras, manifest=mixed), tmp_path / "mixed")
+    with pytest.raises(SystemExit, match="not all gender = 'Female'"):
+        unseen.main([str(out), "--data", str(other)])
+
+
+@pytest.mark.ray
 def test_resume_trains_nothing_when_every_run_is_done(sweep, capsys):
     out, args = sweep
     files = sorted((out / "runs").glob("*.parquet"))
