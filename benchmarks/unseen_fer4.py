@@ -87,7 +87,7 @@ def score_model(model_path: Path, run_path: Path, pixels: np.ndarray, ids: np.nd
 def representational(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Each representational level against level 0 without mitigation, paired over (fold, seed)."""
     plain = table[table["mitigation"].eq("none")]
-    base = plain[plain["bias_level"].eq(0)]
+    base = plain[plain["bias_kind"].eq("none")]  # level 0 (not the size-matched stereotypical 0)
     frames = []
     for level in sorted(plain.loc[plain["bias_kind"].eq("representational"), "bias_level"].unique()):
         part = plain[plain["bias_kind"].eq("representational") & plain["bias_level"].eq(level)]
