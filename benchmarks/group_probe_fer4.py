@@ -104,26 +104,35 @@ def paired(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sweep_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of a script that reads a sweep's saved models: RESULTS_DIR and --data."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("results", type=Path, help="a bias sweep's results folder (with runs/ and models/)")
     parser.add_argument("--data", required=True, type=Path, help="the canonical folder the sweep trained on")
+    return parser
+
+
+def saved_runs(results: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """A sweep's saved models with their run files, and the models whose run has no file (not finished)."""
+    models = sorted((results / "models").glob("*.pt"))
+    if not models:
+        raise SystemExit(f"{results / 'models'}: no saved models (the sweep's sweep.save_models=false?)")
+    runs = [(path, results / "runs" / f"{path.stem}.parquet") for path in models]
+    return [pair for pair in runs if pair[1].is_file()], [m.name for m, r in runs if not r.is_file()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = sweep_parser(__doc__.splitlines()[0])
     parser.add_argument("--attr", default="gender", help="attribute to probe for (default: gender)")
     parser.add_argument("--arch", action="append", help="only these architectures (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
-    models = sorted((args.results / "models").glob("*.pt"))
-    if not models:
-        raise SystemExit(f"{args.results / 'models'}: no saved models (the sweep's sweep.save_models=false?)")
+    pairs, skipped = saved_runs(args.results)
     ds = load_dataset(args.data)
     pixels_by_id = dict(zip(ds.manifest["image_id"], ds.pixels, strict=True))
-    rows, skipped = [], []
-    for path in models:
-        run = args.results / "runs" / f"{path.stem}.parquet"
-        if not run.is_file():
-            skipped.append(path.name)
-            continue
+    rows = []
+    for path, run in pairs:
         frame = run_features(path, run, pixels_by_id)
         if args.arch and frame["arch"].iloc[0] not in args.arch:
             continue

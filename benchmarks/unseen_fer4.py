@@ -21,7 +21,6 @@ once per image (for models with aligned faces or mesh landmarks), then each mode
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from group_probe_fer4 import paired  # noqa: E402  (each mitigation against none, over folds)
+from group_probe_fer4 import paired, saved_runs, sweep_parser  # noqa: E402  (shared with the probe)
 
 from fer_core.checkpoint import load_model  # noqa: E402
 from fer_core.data import BASE_SUBSET, load_dataset  # noqa: E402
@@ -98,29 +97,21 @@ def representational(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="a bias sweep's results folder (with runs/ and models/)")
-    parser.add_argument("--data", required=True, type=Path, help="the canonical folder the sweep trained on")
+    parser = sweep_parser(__doc__.splitlines()[0])
     parser.add_argument("--attr", default="gender", help="attribute of the unseen images (default: gender)")
     parser.add_argument("--group", default="Female", help="their group (default: Female)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
-    models = sorted((args.results / "models").glob("*.pt"))
-    if not models:
-        raise SystemExit(f"{args.results / 'models'}: no saved models (the sweep's sweep.save_models=false?)")
+    pairs, skipped = saved_runs(args.results)
     ds = load_dataset(args.data)
     rows = unseen_rows(ds, args.attr, args.group)
     pixels, ids, labels = ds.pixels[rows], ds.manifest["image_id"].to_numpy()[rows], ds.labels[rows]
     classes = list(ds.classes)
     print(f"{len(rows)} unseen images ({args.attr} = {args.group}): "
           + ", ".join(f"{classes[c]} {n}" for c, n in enumerate(np.bincount(labels, minlength=len(classes)))))
-    table, skipped = [], []
-    for path in models:
-        run = args.results / "runs" / f"{path.stem}.parquet"
-        if not run.is_file():
-            skipped.append(path.name)
-            continue
+    table = []
+    for path, run in pairs:
         row = score_model(path, run, pixels, ids, labels, classes, args.attr, args.group)
         if row["bias_kind"] == "augmented" and row["bias_level"] > 0:
             skipped.append(path.name)  # trained on the extras: they are not unseen for it
