@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from group_probe_fer4 import paired, saved_runs, sweep_parser  # noqa: E402  (shared with the probe)
 
 from fer_core.checkpoint import load_model  # noqa: E402
-from fer_core.data import BASE_SUBSET, load_dataset  # noqa: E402
+from fer_core.data import BASE_SUBSET, FaceDataset, load_dataset  # noqa: E402
 from fer_core.training import predict_saved  # noqa: E402
 
 RUN_COLUMNS = ["run_id", "arch", "bias_kind", "bias_level", "mitigation", "fold", "seed"]
 
 
-def unseen_rows(ds, attr: str, group: str) -> np.ndarray:
+def unseen_rows(ds: FaceDataset, attr: str, group: str) -> np.ndarray:
     """Row indices of the extras (subset not base) of ``attr == group``; every extra must be of it."""
     extra = ds.manifest["subset"].ne(BASE_SUBSET).to_numpy()
     if not extra.any():
