@@ -97,8 +97,8 @@ def paired(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
             test = stats.ttest_rel(pair[mitigation], pair["none"])
             ci = test.confidence_interval(0.95)
             lines.append({"arch": arch, "condition": f"{kind} {level:g}", "mitigation": mitigation,
-                          "units": len(pair), "none": wide["none"].mean() * 100,
-                          "mitigated": wide[mitigation].mean() * 100,
+                          "units": len(pair), "none": pair["none"].mean(),
+                          "mitigated": pair[mitigation].mean(),
                           "change": (pair[mitigation] - pair["none"]).mean(), "low": ci.low, "high": ci.high,
                           "p": test.pvalue})
     return pd.DataFrame(lines)
