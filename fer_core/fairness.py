@@ -10,8 +10,8 @@ folds and seeds; a *unit* is one (fold, seed) model inside a run group.
 
 - :func:`fairness_table`: per run group x attribute x group x metric, pooled; bootstrap intervals from
   ``MetricFrame(n_boot=..., ci_quantiles=...)`` for the headline metrics.
-- :func:`unit_metrics`: per unit accuracy, macro-F1 and the signed accuracy and balanced-accuracy gaps
-  of every attribute.
+- :func:`unit_metrics`: per unit accuracy, macro-F1, the signed accuracy and balanced-accuracy gaps
+  and the unsigned worst-class equalized-odds difference of every attribute.
 - :func:`paired_tests`: every bias level against level 0 and every mitigation against none, paired on
   (fold, seed), with ``scipy.stats``; :func:`unit_intervals`: the same statistics of one run group alone.
 
@@ -43,6 +43,10 @@ HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")  # the bootstrapped met
 # which classes the group's faces are in (fer4: most men's images are in the hard Focused/Neutral pair);
 # the balanced-accuracy gap (mean per-class recall) compares the groups class by class, without that mix.
 GAP_METRICS = {"accuracy_gap": "accuracy", "balanced_accuracy_gap": "balanced_accuracy"}
+# Both signed gaps can hide groups read differently inside classes when the differences cancel (fer4: men's
+# Focused faces read better, women's Neutral ones). The worst class's one-vs-rest equalized-odds difference,
+# the largest gap in recall or false-positive rate between the groups, cannot cancel; it is never negative.
+EQ_ODDS = "eq_odds_diff_ovr"
 SUMMARIES = ("overall", "difference", "ratio")  # between-group summary rows of fairness_table
 CI_LEVEL = 0.95
 CI_QUANTILES = [(1 - CI_LEVEL) / 2, 1 - (1 - CI_LEVEL) / 2]
@@ -259,6 +263,11 @@ def fairness_table(predictions: pd.DataFrame, attributes: list[str], classes: li
     return _tag(frame, predictions)
 
 
+def _one_vs_rest_rates(classes: list[str]) -> dict:
+    """Recall and false-positive rate of every class: the rates equalized odds compares."""
+    return {k: f for k, f in _per_class_metrics(classes).items() if not k.startswith("selection_rate_")}
+
+
 def _log_unknown(frame: pd.DataFrame) -> None:
     unknown = frame[frame["group"] == UNKNOWN].groupby("attribute")["n"]
     for attr, total in unknown.sum().items():
@@ -393,9 +402,12 @@ def unit_metrics(predictions: pd.DataFrame, attributes: list[str], *, classes: l
         Long rows: :data:`RUN_KEYS`, ``fold``, ``seed``, ``attribute`` (``"all"`` for accuracy and
         macro-F1), ``metric`` (``accuracy``, ``macro_f1`` or one of :data:`GAP_METRICS`:
         ``accuracy_gap``, the difference of the groups' accuracies, and ``balanced_accuracy_gap``, of
-        their mean per-class recalls), ``direction`` (the gap's sign convention, see
-        :func:`gap_direction`; the metric name otherwise) and ``value``. A unit that lacks one of the
-        two groups has a NaN gap.
+        their mean per-class recalls; or :data:`EQ_ODDS`, the largest difference between the groups'
+        one-vs-rest recall or false-positive rate of any class, never negative: the fairness table's
+        pooled ``eq_odds_diff_ovr`` of one unit), ``direction`` (the gap's sign convention, see
+        :func:`gap_direction`; ``"worst class, |...|"`` for :data:`EQ_ODDS`; the metric name otherwise)
+        and ``value``. A unit that lacks one of the two groups has a NaN gap; a rate is compared only
+        where at least two groups have images it is defined on.
     """
     _check_columns(predictions, attributes, UNIT_KEYS)
     classes = list(classes) if classes is not None else infer_classes(predictions)
@@ -421,9 +433,24 @@ def unit_metrics(predictions: pd.DataFrame, attributes: list[str], *, classes: l
                 gap = by_group.get(pair[0], np.nan) - by_group.get(pair[1], np.nan)
             frames.append(units.assign(attribute=attr, metric=gap_metric, direction=direction,
                                        value=gap.reindex(units.index).astype(float)))
+        eq_odds = _unit_eq_odds(y_true[known], y_pred[known], group.to_numpy(),
+                                data["unit"].to_numpy()[known], classes)
+        frames.append(units.assign(attribute=attr, metric=EQ_ODDS, direction=f"worst class, |{direction}|",
+                                   value=eq_odds.reindex(units.index).astype(float)))
     out = pd.concat(frames, ignore_index=True)
     out["bias_level"] = out["bias_level"].astype(float)
     return out
+
+
+def _unit_eq_odds(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, unit: np.ndarray,
+                  classes: list[str]) -> pd.Series:
+    """:data:`EQ_ODDS` of every unit (index): a rate is compared where at least two groups define it."""
+    rates = MetricFrame(metrics=_one_vs_rest_rates(classes), y_true=y_true, y_pred=y_pred,
+                        sensitive_features=pd.Series(groups, name="group"),
+                        control_features=pd.Series(unit, name="unit")).by_group
+    per_unit = rates.groupby(level="unit")
+    spread = (per_unit.max() - per_unit.min()).where(per_unit.count() >= 2)
+    return spread.max(axis=1)
 
 
 def _overall_per_unit(units: pd.DataFrame, unit: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray,
@@ -527,7 +554,8 @@ def paired_tests(predictions: pd.DataFrame, attributes: list[str], *,
         ``bias_kind="none"``, level 0; ``"mitigation"``: against the same arch, bias kind and level without
         mitigation (a biased, mitigated run group gets both rows). ``reference`` names the reference run
         group. ``metric`` is ``accuracy``, ``macro_f1`` (``attribute="all"``) or a gap of ``attribute``
-        (:data:`GAP_METRICS`, see :func:`unit_metrics`); ``direction`` spells the sign: ``mean_diff`` is
+        (:data:`GAP_METRICS` or :data:`EQ_ODDS`, see :func:`unit_metrics`); ``direction`` spells the sign:
+        ``mean_diff`` is
         always run minus reference, of a gap defined as in ``direction`` (e.g. ``(Male - Female) run -
         reference``). Units are paired on (fold, seed) and units with a NaN value dropped; ``n_pairs`` says
         how many remain. ``ci_low``/``ci_high``: 95% t interval of the mean difference; ``effect_size``:
@@ -557,7 +585,8 @@ def paired_tests(predictions: pd.DataFrame, attributes: list[str], *,
 
 
 def _paired_direction(metric: str, direction: str) -> str:
-    return f"({direction}) run - reference" if metric in GAP_METRICS else "run - reference"
+    between_groups = metric in GAP_METRICS or metric == EQ_ODDS
+    return f"({direction}) run - reference" if between_groups else "run - reference"
 
 
 def unit_intervals(predictions: pd.DataFrame, attributes: list[str], *,
@@ -580,7 +609,8 @@ def unit_intervals(predictions: pd.DataFrame, attributes: list[str], *,
         ``ci_high``, ``effect_size`` (mean / sd) and ``p_value`` (one-sample t-test of the gap against
         0; NaN for accuracy and macro-F1, where it means nothing). Units are the (fold, seed) models,
         so the interval is the cross-validated one (folds share training images, so it is approximate).
-        Intervals are cut to the metric's range: [0, 1] for accuracy and macro-F1, [-1, 1] for gaps.
+        Intervals are cut to the metric's range: [0, 1] for accuracy, macro-F1 and :data:`EQ_ODDS`, [-1, 1]
+        for the signed gaps.
     """
     units = unit_metrics(predictions, attributes, focus=focus)
     rows = []
@@ -593,6 +623,67 @@ def unit_intervals(predictions: pd.DataFrame, attributes: list[str], *,
                      "n_units": summary["n_pairs"], "mean": summary["mean_diff"],
                      **{k: summary[k] for k in ("ci_low", "ci_high", "effect_size", "p_value")}})
     return pd.DataFrame(rows)
+
+
+def eq_odds_floor(predictions: pd.DataFrame, attribute: str, *, focus: str | None = None,
+                  n_perm: int = 100, seed: int = 0) -> pd.DataFrame:
+    """Equalized-odds difference each unit would show by chance alone, and the test of the one it shows.
+
+    :data:`EQ_ODDS` is a largest absolute difference, so finite test sets give it a positive value even
+    for a model whose predictions do not depend on the group. To measure that floor, the attribute's
+    known groups are shuffled among the images of the same unit and true class, ``n_perm`` times: each
+    group keeps its size and class mix, and the predictions become independent of the group given the
+    class, which is equalized odds' null hypothesis.
+
+    Parameters
+    ----------
+    predictions
+        The predictions table (needs ``fold`` and ``seed``).
+    attribute
+        Attribute column (``"a x b"`` for an intersection).
+    focus
+        Group the attribute is measured against, as for :func:`unit_metrics`.
+    n_perm
+        Shuffles per unit.
+    seed
+        Seed of the shuffles.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per unit: :data:`RUN_KEYS`, ``fold``, ``seed``, ``observed`` (the unit's :data:`EQ_ODDS`),
+        ``floor`` (its mean over the shuffles) and ``p_perm``, the share of shuffles at least as large
+        as the observed value (with the add-one correction, so never 0).
+    """
+    if n_perm < 1:
+        raise ValueError(f"n_perm must be at least 1, got {n_perm}")
+    _check_columns(predictions, [attribute], UNIT_KEYS)
+    keys = [*RUN_KEYS, *UNIT_KEYS]
+    classes = infer_classes(predictions)
+    _, sensitive, _ = gap_direction(group_labels(predictions, attribute), focus)
+    known = sensitive.notna().to_numpy()
+    rows = predictions.loc[known, keys].reset_index(drop=True)
+    unit = rows.groupby(keys, sort=True, dropna=False).ngroup().to_numpy()
+    y_true = _codes(predictions["y_true"][known], classes)
+    y_pred = _codes(predictions["y_pred"][known], classes)
+    groups = sensitive[known].astype(str).to_numpy()
+    cells = pd.Series(unit * len(classes) + y_true).groupby(unit * len(classes) + y_true).indices.values()
+    observed = _unit_eq_odds(y_true, y_pred, groups, unit, classes)
+    rng = np.random.default_rng(seed)
+    draws = np.empty((len(observed), n_perm))
+    for i in range(n_perm):
+        shuffled = groups.copy()
+        for cell in cells:  # the images of one unit and true class trade groups
+            shuffled[cell] = rng.permutation(groups[cell])
+        draws[:, i] = _unit_eq_odds(y_true, y_pred, shuffled, unit, classes).reindex(observed.index)
+    out = rows.drop_duplicates().assign(unit=lambda f: f.groupby(keys, sort=True, dropna=False).ngroup())
+    out = out.set_index("unit").sort_index()
+    out["observed"] = observed.reindex(out.index).to_numpy()
+    out["floor"] = pd.Series(draws.mean(axis=1), index=observed.index).reindex(out.index).to_numpy()
+    exceed = pd.Series((draws >= observed.to_numpy()[:, None] - 1e-12).sum(axis=1), index=observed.index)
+    out["p_perm"] = (exceed.reindex(out.index).to_numpy() + 1) / (n_perm + 1)
+    out["bias_level"] = out["bias_level"].astype(float)
+    return out.reset_index(drop=True)
 
 
 def group_confusions(predictions: pd.DataFrame, attribute: str, classes: list[str]) -> dict[str, np.ndarray]:

@@ -43,6 +43,7 @@ from fer_core.fairness import (  # noqa: E402
     BASELINE_KIND,
     BASELINE_LEVEL,
     CROSS,
+    EQ_ODDS,
     GAP_METRICS,
     NO_MITIGATION,
     RUN_KEYS,
@@ -58,7 +59,8 @@ from study.common import run_cli, setup_logging, write_table  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-GAP_NAMES = {"accuracy_gap": "gap", "balanced_accuracy_gap": "balanced gap"}  # short labels of GAP_METRICS
+GAP_NAMES = {"accuracy_gap": "gap", "balanced_accuracy_gap": "balanced gap",  # short labels of GAP_METRICS
+             EQ_ODDS: "EO difference"}  # and of the unsigned equalized-odds difference
 
 NOT_ATTRIBUTES = {"run_id", "arch", "bias_kind", "bias_level", "bias_attr", "bias_group", "mitigation",
                   "fold", "seed", "split_seed",
@@ -208,7 +210,8 @@ def _focus_of(paired: pd.DataFrame | None) -> dict[str, str]:
     if paired is None:
         return {}
     focus = {}
-    for attr, direction in paired[["attribute", "direction"]].drop_duplicates().itertuples(index=False):
+    signed = paired[paired["metric"].isin(list(GAP_METRICS))]
+    for attr, direction in signed[["attribute", "direction"]].drop_duplicates().itertuples(index=False):
         found = _PAIRED_DIRECTION.match(direction)
         if found and found["lo"] != "min":
             focus[attr] = found["lo"]
@@ -265,12 +268,15 @@ def fmt_p(p: float) -> str:
 
 
 def md_table(frame: pd.DataFrame) -> str:
-    """A Markdown table of ``frame`` (values as they are)."""
+    """A Markdown table of ``frame`` (values as they are, a ``|`` inside one escaped)."""
     if frame.empty:
         return "_(no rows)_\n"
-    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|")
+    head = "| " + " | ".join(map(cell, frame.columns)) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([head, rule, *body]) + "\n"
 
 
@@ -391,7 +397,7 @@ def _diff_table(rows: pd.DataFrame) -> pd.DataFrame:
         line = dict(zip(RUN_KEYS, key, strict=True))
         line["pairs"] = int(g["n_pairs"].max())
         for r in g.itertuples(index=False):
-            name = r.metric if r.metric not in GAP_METRICS else \
+            name = r.metric if r.metric not in GAP_NAMES else \
                 f"{GAP_NAMES[r.metric]} {r.attribute} ({_gap_direction(r.direction)})"
             line[f"Δ {name}"] = f"{fmt_ci(r.mean_diff, r.ci_low, r.ci_high, True)} (p {fmt_p(r.p_value)})"
         out.append(line)
@@ -459,7 +465,7 @@ def _bias_findings(t: Tables) -> list[str]:
                     & (t.paired["metric"] != "macro_f1")]
     for (kind, arch, attr, metric), g in rows.groupby(["bias_kind", "arch", "attribute", "metric"]):
         what = f"the {attr} {GAP_NAMES[metric]} ({_gap_direction(g['direction'].iloc[0])})" \
-            if metric in GAP_METRICS else metric
+            if metric in GAP_NAMES else metric
         g = g.sort_values("bias_level")
         own_zero = g[g["bias_level"] == BASELINE_LEVEL]  # a size-matched level 0 against the baseline
         g = g[g["bias_level"] != BASELINE_LEVEL]

@@ -14,10 +14,12 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, recall_score
 
 from fer_core.fairness import (
+    EQ_ODDS,
     FAIRNESS_COLUMNS,
     PAIRED_COLUMNS,
     RUN_KEYS,
     accuracy_gap,
+    eq_odds_floor,
     expand_attributes,
     fairness_table,
     gap_direction,
@@ -424,3 +426,87 @@ def test_balanced_gap_separates_class_mix_from_per_class_errors():
     row = _row(paired_tests(frame, ["gender"]), "balanced_accuracy_gap", "gender")
     assert row["mean_diff"] == pytest.approx(0.4 / 2)  # Female Happy recall -0.4, one of two classes
     assert row["direction"] == "(Male - Female) run - reference"
+
+
+@pytest.mark.parametrize("attribute", ["gender", "age"])
+def test_unit_equalized_odds_matches_fairlearn_per_fold(preds, attribute):
+    """Per (run group, fold): the worst class's fairlearn ``equalized_odds_difference``, one class at a time;
+    age has three groups (largest minus smallest rate). A fold with one group has none (fairlearn says 0)."""
+    alone = unit_metrics(preds, ["gender"], classes=CLASSES)  # a fold of ``preds`` holds one gender
+    assert alone[alone["metric"] == EQ_ODDS]["value"].isna().all()
+    preds = _predictions(folds=4)  # every fold has every group
+    units = unit_metrics(preds, [attribute], classes=CLASSES)
+    got = units[units["metric"] == EQ_ODDS].set_index([*RUN_KEYS, "fold"])
+    assert len(got) == preds.groupby([*RUN_KEYS, "fold"]).ngroups
+    assert (got["direction"] == f"worst class, |{gap_direction(group_labels(preds, attribute))[0]}|").all()
+    for key, run in preds.groupby([*RUN_KEYS, "fold"]):
+        masks = _group_masks(run, attribute)
+        known = np.any(list(masks.values()), axis=0)
+        labels = np.select(list(masks.values()), list(masks), default="")[known]
+        yt, yp = run["y_true"].to_numpy()[known], run["y_pred"].to_numpy()[known]
+        eo = [equalized_odds_difference((yt == c).astype(int), (yp == c).astype(int),
+                                        sensitive_features=labels) for c in CLASSES]
+        assert got.loc[key, "value"] == pytest.approx(max(eo))
+
+
+def _swapped(swap: float, folds: int = 4) -> pd.DataFrame:
+    """Focused and Neutral, 50 images per class x gender; men read ``swap`` better in Focused, women in
+    Neutral."""
+    parts = []
+    for fold in range(folds):
+        for c, other in (("Focused", "Neutral"), ("Neutral", "Focused")):
+            for gender in ("Female", "Male"):
+                better = (c, gender) in (("Focused", "Male"), ("Neutral", "Female"))
+                right = np.arange(50) < round((0.8 + (swap / 2 if better else -swap / 2)) * 50)
+                parts.append(pd.DataFrame({"y_true": c, "y_pred": np.where(right, c, other), "gender": gender,
+                                           "fold": fold}))
+    return pd.concat(parts, ignore_index=True).assign(arch="main", bias_kind="none", bias_level=0.0,
+                                                      mitigation="none", seed=0)
+
+
+def test_eq_odds_floor_is_positive_without_a_difference_and_below_a_planted_one():
+    equal = eq_odds_floor(_swapped(0.0), "gender", n_perm=30)
+    assert len(equal) == 4 and (equal["observed"] == 0).all()  # every cell read at 0.8
+    assert (equal["floor"] > 0.02).all() and (equal["p_perm"] == 1).all()  # chance alone gives a difference
+    planted = eq_odds_floor(_swapped(0.4), "gender", n_perm=30)  # recall 1.0 vs 0.6: 5 sd of a shuffle
+    assert planted["observed"].to_numpy() == pytest.approx([0.4] * 4)
+    assert (planted["floor"] < 0.2).all() and (planted["p_perm"] == 1 / 31).all()
+    units = unit_metrics(_swapped(0.4), ["gender"])
+    by_unit_metrics = units[units["metric"] == EQ_ODDS]["value"].to_numpy()
+    assert by_unit_metrics == pytest.approx(planted["observed"].to_numpy())
+
+
+def test_eq_odds_floor_p_values_are_calibrated_when_predictions_ignore_the_group():
+    """24 units whose errors do not depend on gender: the permutation p-values are about uniform (mean 0.5,
+    sd of the mean 0.06), and the observed difference is about the floor."""
+    rng = np.random.default_rng(7)
+    n = 160
+    y_true = np.asarray(CLASSES)[np.arange(n) % 4]
+    parts = []
+    for fold in range(24):
+        guess = np.asarray(CLASSES)[rng.integers(0, 4, n)]
+        parts.append(pd.DataFrame({"y_true": y_true, "y_pred": np.where(rng.random(n) < 0.75, y_true, guess),
+                                   "gender": np.where(rng.random(n) < 0.4, "Female", "Male"), "fold": fold}))
+    frame = pd.concat(parts, ignore_index=True).assign(arch="main", bias_kind="none", bias_level=0.0,
+                                                       mitigation="none", seed=0)
+    floor = eq_odds_floor(frame, "gender", n_perm=20, seed=1)
+    assert len(floor) == 24 and 0.3 < floor["p_perm"].mean() < 0.7
+    assert abs((floor["observed"] - floor["floor"]).mean()) < 0.03
+
+
+def test_equalized_odds_sees_differences_that_cancel_in_the_signed_gaps():
+    """Men read better in Focused and women in Neutral by the same amount, with the same class mix: both
+    signed gaps are 0, the equalized-odds difference is the planted recall gap; a run without the swap
+    is paired against it and the difference is found."""
+    frame = pd.concat([_swapped(0.2), _swapped(0.0).assign(bias_kind="representational", bias_level=0.5)])
+    units = unit_metrics(frame, ["gender"], classes=["Focused", "Neutral"])
+    at = units[units["bias_level"] == 0.0].groupby("metric")["value"].mean()
+    assert at["accuracy_gap"] == pytest.approx(0.0, abs=1e-12)
+    assert at["balanced_accuracy_gap"] == pytest.approx(0.0, abs=1e-12)
+    assert at[EQ_ODDS] == pytest.approx(0.2)  # recall 0.9 vs 0.7; the false-positive rates differ as much
+    assert units[units["bias_level"] == 0.5].groupby("metric")["value"].mean()[EQ_ODDS] == pytest.approx(0.0)
+    row = _row(paired_tests(frame, ["gender"]), EQ_ODDS, "gender")
+    assert row["mean_diff"] == pytest.approx(-0.2)
+    assert row["direction"] == "(worst class, |Male - Female|) run - reference"
+    intervals = unit_intervals(frame, ["gender"]).set_index(["bias_level", "metric"])
+    assert np.isnan(intervals.loc[(0.0, EQ_ODDS), "p_value"])  # never negative: no test against 0

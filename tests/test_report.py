@@ -3,6 +3,8 @@ carries the numbers of fairness.parquet."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +12,7 @@ from PIL import Image
 
 from fer_core.fairness import RUN_KEYS, fairness_table, unit_intervals
 from study.common import write_table
-from study.report import fmt_ci, main, pareto_front, read_composition
+from study.report import fmt_ci, main, md_table, pareto_front, read_composition
 
 CLASSES = ["Focused", "Happy", "Neutral", "Surprised"]
 PNGS = ["composition.png", "accuracy_vs_level_representational.png", "gap_vs_level_representational.png",
@@ -175,3 +177,11 @@ def test_a_folder_that_is_not_a_sweep_is_named(tmp_path):
     with pytest.raises(SystemExit, match=r"lacks the columns \['arch', 'bias_kind', 'bias_level', "
                                          r"'mitigation', 'seed'\] of a bias sweep's predictions"):
         main([str(tmp_path)])
+
+
+def test_a_pipe_inside_a_cell_does_not_split_the_markdown_table():
+    """The equalized-odds direction holds pipes (``|Male - Female|``): escaped, every line keeps 3 columns."""
+    table = md_table(pd.DataFrame({"Δ EO (worst class, |Male - Female|)": ["a|b"], "n": [1], "p": ["0.3"]}))
+    lines = table.strip().splitlines()
+    assert [len(re.findall(r"(?<!\\)\|", line)) for line in lines] == [4, 4, 4]
+    assert "\\|Male - Female\\|" in lines[0] and "a\\|b" in lines[2]
