@@ -13,7 +13,9 @@ command again after a stop. Signed gaps are accuracy of the other groups minus t
 Each gap is given twice: in accuracy, and in balanced accuracy (mean per-class recall), which compares the
 groups class by class. Their difference comes from the groups' class mix (fer4's men are mostly in the
 hard Focused/Neutral classes): a model that reads every class equally well for women and men still has
-an accuracy gap.
+an accuracy gap. Both are signed, so differences inside classes that go opposite ways cancel; the third,
+the worst class's equalized-odds difference (largest gap in one class's recall or false-positive rate),
+cannot, and is judged against the value chance alone gives it (``fer_core.fairness.eq_odds_floor``).
 
 Run (from the repository root)::
 
@@ -35,8 +37,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 from fer_core.config import TrainConfig
+from fer_core.fairness import EQ_ODDS, eq_odds_floor, unit_intervals
 from fer_core.training import Trainer
 from study import bias_sweep, prepare, report
 from study.sweep_config import load_sweep, run_grid
@@ -48,7 +52,8 @@ QUICK = ["name=bias-fer4-quick", "split.k=3", "train.epochs=15", "train.patience
          "sweep.archs=['main']", "sweep.levels.representational=[0.5, 1.0]",
          "sweep.levels.stereotypical=[1.0]", "sweep.n_boot=100"]
 TARGET_GAP_FRACTION, TARGET_F1_LOSS = 0.5, 0.01
-LABELS = {"accuracy_gap": "{} gap", "balanced_accuracy_gap": "{} balanced gap", "macro_f1": "macro-F1"}
+LABELS = {"accuracy_gap": "{} gap", "balanced_accuracy_gap": "{} balanced gap",
+          EQ_ODDS: "{} equalized-odds difference", "macro_f1": "macro-F1"}
 logger = logging.getLogger(__name__)
 
 
@@ -110,8 +115,6 @@ def fmt(row: pd.Series, scale: float = 100.0) -> str:
 
 def level0_gaps(out: Path, attrs: list[str]) -> None:
     """Signed gaps at level 0 without mitigation (fold t-interval) and the pooled bootstrap difference."""
-    from fer_core.fairness import unit_intervals
-
     preds = pd.read_parquet(out / "predictions.parquet")
     base = preds[(preds["bias_kind"] == "none") & (preds["mitigation"] == "none")]
     units = unit_intervals(base, attrs, focus={"gender": "Female", "age": "Senior"})
@@ -216,17 +219,47 @@ def target_verdict(found: list[dict], metric: str) -> None:
               f"(p {before['p_before']:.3f}): {verdict}")
 
 
+def eq_odds_against_chance(preds: pd.DataFrame, units: pd.DataFrame, n_perm: int = 200) -> pd.DataFrame:
+    """Give the unmitigated gender equalized-odds differences of ``units`` a p-value against chance.
+
+    The difference is never negative, so a test against 0 means nothing; instead each fold's value is
+    paired with the mean of ``n_perm`` shuffles of gender inside its classes (its chance floor), and
+    ``ttest_rel`` asks whether the model's exceeds it. Printed per condition; the p-value goes into
+    ``units`` so that the target verdict calls a difference detectable on the same terms as the gaps.
+    """
+    base = preds[preds["mitigation"] == "none"]
+    floor = eq_odds_floor(base, "gender", focus="Female", n_perm=n_perm)
+    print(f"\n== gender equalized-odds difference without mitigation vs chance ({n_perm} shuffles of gender "
+          "inside each fold's classes; points) ==")
+    units = units.copy()
+    for (arch, kind, level), g in floor.groupby(["arch", "bias_kind", "bias_level"], sort=True):
+        g = g.dropna(subset=["observed"])
+        excess = g["observed"] - g["floor"]
+        test = stats.ttest_rel(g["observed"], g["floor"]) if len(g) > 1 else None
+        p = float(test.pvalue) if test is not None else np.nan
+        ci = test.confidence_interval(0.95) if test is not None else None
+        interval = f" [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}]" if ci is not None else ""
+        beyond = int((g["p_perm"] <= 0.05).sum())
+        print(f"{arch:9s} {kind:16s} {level:<5g} {100 * g['observed'].mean():.1f}, chance "
+              f"{100 * g['floor'].mean():.1f}: excess {100 * excess.mean():+.1f}{interval} (p {p:.3f}); "
+              f"{beyond} of {len(g)} folds beyond 95% of their own shuffles")
+        at = ((units["arch"] == arch) & (units["bias_kind"] == kind) & (units["bias_level"] == level)
+              & (units["mitigation"] == "none") & (units["attribute"] == "gender")
+              & (units["metric"] == EQ_ODDS))
+        units.loc[at, "p_value"] = p
+    return units
+
+
 def headline(out: Path) -> None:
     """Print the headline numbers from the sweep's tables."""
-    from fer_core.fairness import unit_intervals
-
     paired = pd.read_parquet(out / "paired.parquet")
     preds = pd.read_parquet(out / "predictions.parquet")
     units = unit_intervals(preds, ["gender"], focus={"gender": "Female"})
+    units = eq_odds_against_chance(preds, units)
     level0_gaps(out, ["gender", "age"])
     bias_effects(paired)
     class_recalls(out)
-    for metric in ("accuracy_gap", "balanced_accuracy_gap"):
+    for metric in ("accuracy_gap", "balanced_accuracy_gap", EQ_ODDS):
         target_verdict(mitigation_effects(paired, units, metric), metric)
 
 
