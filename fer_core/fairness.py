@@ -653,7 +653,8 @@ def eq_odds_floor(predictions: pd.DataFrame, attribute: str, *, focus: str | Non
     pandas.DataFrame
         One row per unit: :data:`RUN_KEYS`, ``fold``, ``seed``, ``observed`` (the unit's :data:`EQ_ODDS`),
         ``floor`` (its mean over the shuffles) and ``p_perm``, the share of shuffles at least as large
-        as the observed value (with the add-one correction, so never 0).
+        as the observed value (with the add-one correction, so never 0); all three NaN for a unit with
+        fewer than two groups.
     """
     if n_perm < 1:
         raise ValueError(f"n_perm must be at least 1, got {n_perm}")
@@ -667,7 +668,8 @@ def eq_odds_floor(predictions: pd.DataFrame, attribute: str, *, focus: str | Non
     y_true = _codes(predictions["y_true"][known], classes)
     y_pred = _codes(predictions["y_pred"][known], classes)
     groups = sensitive[known].astype(str).to_numpy()
-    cells = pd.Series(unit * len(classes) + y_true).groupby(unit * len(classes) + y_true).indices.values()
+    cell_of = unit * len(classes) + y_true
+    cells = pd.Series(cell_of).groupby(cell_of).indices.values()
     observed = _unit_eq_odds(y_true, y_pred, groups, unit, classes)
     rng = np.random.default_rng(seed)
     draws = np.empty((len(observed), n_perm))
@@ -681,7 +683,7 @@ def eq_odds_floor(predictions: pd.DataFrame, attribute: str, *, focus: str | Non
     out["observed"] = observed.reindex(out.index).to_numpy()
     out["floor"] = pd.Series(draws.mean(axis=1), index=observed.index).reindex(out.index).to_numpy()
     exceed = pd.Series((draws >= observed.to_numpy()[:, None] - 1e-12).sum(axis=1), index=observed.index)
-    out["p_perm"] = (exceed.reindex(out.index).to_numpy() + 1) / (n_perm + 1)
+    out["p_perm"] = ((exceed + 1) / (n_perm + 1)).where(observed.notna()).reindex(out.index).to_numpy()
     out["bias_level"] = out["bias_level"].astype(float)
     return out.reset_index(drop=True)
 

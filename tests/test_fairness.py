@@ -474,6 +474,8 @@ def test_eq_odds_floor_is_positive_without_a_difference_and_below_a_planted_one(
     units = unit_metrics(_swapped(0.4), ["gender"])
     by_unit_metrics = units[units["metric"] == EQ_ODDS]["value"].to_numpy()
     assert by_unit_metrics == pytest.approx(planted["observed"].to_numpy())
+    alone = eq_odds_floor(_predictions(), "gender", n_perm=2)  # every fold holds one gender: nothing to test
+    assert alone[["observed", "floor", "p_perm"]].isna().all().all()
 
 
 def test_eq_odds_floor_p_values_are_calibrated_when_predictions_ignore_the_group():
