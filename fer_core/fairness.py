@@ -671,21 +671,21 @@ def eq_odds_floor(predictions: pd.DataFrame, attribute: str, *, focus: str | Non
     cell_of = unit * len(classes) + y_true
     cells = pd.Series(cell_of).groupby(cell_of).indices.values()
     observed = _unit_eq_odds(y_true, y_pred, groups, unit, classes)
+    out = rows.groupby(keys, sort=True, dropna=False).size().reset_index()[keys]  # row i: unit i
+    observed = observed.reindex(out.index).to_numpy()
     rng = np.random.default_rng(seed)
-    draws = np.empty((len(observed), n_perm))
+    draws = np.empty((len(out), n_perm))
     for i in range(n_perm):
         shuffled = groups.copy()
         for cell in cells:  # the images of one unit and true class trade groups
             shuffled[cell] = rng.permutation(groups[cell])
-        draws[:, i] = _unit_eq_odds(y_true, y_pred, shuffled, unit, classes).reindex(observed.index)
-    out = rows.drop_duplicates().assign(unit=lambda f: f.groupby(keys, sort=True, dropna=False).ngroup())
-    out = out.set_index("unit").sort_index()
-    out["observed"] = observed.reindex(out.index).to_numpy()
-    out["floor"] = pd.Series(draws.mean(axis=1), index=observed.index).reindex(out.index).to_numpy()
-    exceed = pd.Series((draws >= observed.to_numpy()[:, None] - 1e-12).sum(axis=1), index=observed.index)
-    out["p_perm"] = ((exceed + 1) / (n_perm + 1)).where(observed.notna()).reindex(out.index).to_numpy()
+        draws[:, i] = _unit_eq_odds(y_true, y_pred, shuffled, unit, classes).reindex(out.index)
+    exceed = (draws >= observed[:, None] - 1e-12).sum(axis=1)
+    out["observed"] = observed
+    out["floor"] = draws.mean(axis=1)
+    out["p_perm"] = np.where(np.isnan(observed), np.nan, (exceed + 1) / (n_perm + 1))
     out["bias_level"] = out["bias_level"].astype(float)
-    return out.reset_index(drop=True)
+    return out
 
 
 def group_confusions(predictions: pd.DataFrame, attribute: str, classes: list[str]) -> dict[str, np.ndarray]:
