@@ -40,7 +40,7 @@ import torch
 from scipy import stats
 
 from fer_core.config import TrainConfig
-from fer_core.fairness import EQ_ODDS, eq_odds_floor, unit_intervals
+from fer_core.fairness import EQ_ODDS, GAP_PARTS, RUN_KEYS, eq_odds_floor, unit_intervals
 from fer_core.training import Trainer
 from study import bias_sweep, prepare, report
 from study.sweep_config import load_sweep, run_grid
@@ -191,6 +191,40 @@ def mitigation_effects(paired: pd.DataFrame, units: pd.DataFrame, metric: str) -
     return found
 
 
+def gap_parts(paired: pd.DataFrame, units: pd.DataFrame) -> None:
+    """The gender accuracy gap split into its class-mix and within-class parts, and each mitigation's change.
+
+    The class-mix part is what a model reading every class equally well for women and men would still
+    show; a mitigation moves it only by changing how well the classes are read for everybody. So a gap
+    mostly made of it can be halved by a mitigation that holds accuracy only by moving the within-class
+    part the other way: reading the better-read group worse inside its classes.
+    """
+    print("\n== gender accuracy gap = class-mix part + within-class part (points; 95% t intervals) ==")
+    at = units[units["attribute"] == "gender"].set_index([*RUN_KEYS, "metric"])
+    changes = paired[(paired["comparison"] == "mitigation") & (paired["attribute"] == "gender")
+                     & paired["metric"].isin(list(GAP_PARTS))]
+    for key in at.index.droplevel("metric").unique():
+        arch, kind, level, mitigation = key
+        if mitigation != "none" or (*key, "accuracy_gap_mix") not in at.index:
+            continue
+        gap, mix, within = (at.loc[(*key, m)] for m in ("accuracy_gap", *GAP_PARTS))
+        need = gap["mean"] * TARGET_GAP_FRACTION - mix["mean"]
+        print(f"{arch:9s} {kind:16s} {level:<5g} gap {interval(gap)} = class mix {interval(mix)} + within "
+              f"classes {interval(within)}; halving it with the class mix held needs a within-class part "
+              f"of {100 * need:+.1f}")
+        mine = changes[(changes["arch"] == arch) & (changes["bias_kind"] == kind)
+                       & (changes["bias_level"] == level)]
+        for mitigation, m in mine.groupby("mitigation", sort=True):
+            m = m.set_index("metric")
+            print(f"{'':32s} {mitigation:10s} class mix {fmt(m.loc['accuracy_gap_mix'])}, within classes "
+                  f"{fmt(m.loc['accuracy_gap_within'])}")
+
+
+def interval(row: pd.Series) -> str:
+    """``-6.6 [-11.7, -1.5]`` (points) of a :func:`unit_intervals` row."""
+    return f"{100 * row['mean']:+.1f} [{100 * row['ci_low']:+.1f}, {100 * row['ci_high']:+.1f}]"
+
+
 def detectable(p_value: float) -> bool:
     """The unmitigated gap's one-sample t-test over folds rejects 0 at 5% (a share of 0 means nothing)."""
     return bool(p_value < 0.05)
@@ -259,6 +293,7 @@ def headline(out: Path) -> None:
     level0_gaps(out, ["gender", "age"])
     bias_effects(paired)
     class_recalls(out)
+    gap_parts(paired, units)
     for metric in ("accuracy_gap", "balanced_accuracy_gap", EQ_ODDS):
         target_verdict(mitigation_effects(paired, units, metric), metric)
 

@@ -47,6 +47,13 @@ GAP_METRICS = {"accuracy_gap": "accuracy", "balanced_accuracy_gap": "balanced_ac
 # Focused faces read better, women's Neutral ones). The worst class's one-vs-rest equalized-odds difference,
 # the largest gap in recall or false-positive rate between the groups, cannot cancel; it is never negative.
 EQ_ODDS = "eq_odds_diff_ovr"
+# The accuracy gap of two groups a - b splits exactly in two (Kitagawa's decomposition, the groups' mean as
+# reference): the class-mix part, sum over classes of (share_a - share_b) x mean recall, which a model that
+# reads every class equally well for both groups still has; and the within-class part, sum of mean share x
+# (recall_a - recall_b), what the groups' per-class recalls add to it. The class-mix part can shrink only
+# if the classes are read more alike for everybody: no reweighting of the groups moves it directly.
+GAP_PARTS = {"accuracy_gap_mix": "class-mix part", "accuracy_gap_within": "within-class part"}
+SIGNED = (*GAP_METRICS, *GAP_PARTS)  # the signed gaps: in [-1, 1], tested against 0
 SUMMARIES = ("overall", "difference", "ratio")  # between-group summary rows of fairness_table
 CI_LEVEL = 0.95
 CI_QUANTILES = [(1 - CI_LEVEL) / 2, 1 - (1 - CI_LEVEL) / 2]
@@ -404,7 +411,9 @@ def unit_metrics(predictions: pd.DataFrame, attributes: list[str], *, classes: l
         ``accuracy_gap``, the difference of the groups' accuracies, and ``balanced_accuracy_gap``, of
         their mean per-class recalls; or :data:`EQ_ODDS`, the largest difference between the groups'
         one-vs-rest recall or false-positive rate of any class, never negative: the fairness table's
-        pooled ``eq_odds_diff_ovr`` of one unit), ``direction`` (the gap's sign convention, see
+        pooled ``eq_odds_diff_ovr`` of one unit; or, for an attribute with a sign (two groups, or a
+        focus), :data:`GAP_PARTS`: ``accuracy_gap_mix`` and ``accuracy_gap_within``, which add up to
+        ``accuracy_gap``), ``direction`` (the gap's sign convention, see
         :func:`gap_direction`; ``"worst class, |...|"`` for :data:`EQ_ODDS`; the metric name otherwise)
         and ``value``. A unit that lacks one of the two groups has a NaN gap; a rate is compared only
         where at least two groups have images it is defined on.
@@ -437,6 +446,12 @@ def unit_metrics(predictions: pd.DataFrame, attributes: list[str], *, classes: l
                                 data["unit"].to_numpy()[known], classes)
         frames.append(units.assign(attribute=attr, metric=EQ_ODDS, direction=f"worst class, |{direction}|",
                                    value=eq_odds.reindex(units.index).astype(float)))
+        if pair is not None:
+            parts = _unit_gap_parts(y_true[known], y_pred[known], group.to_numpy(),
+                                    data["unit"].to_numpy()[known], pair)
+            frames += [units.assign(attribute=attr, metric=part, direction=direction,
+                                    value=parts[part].reindex(units.index).astype(float))
+                       for part in GAP_PARTS]
     out = pd.concat(frames, ignore_index=True)
     out["bias_level"] = out["bias_level"].astype(float)
     return out
@@ -451,6 +466,25 @@ def _unit_eq_odds(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, un
     per_unit = rates.groupby(level="unit")
     spread = (per_unit.max() - per_unit.min()).where(per_unit.count() >= 2)
     return spread.max(axis=1)
+
+
+def _unit_gap_parts(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, unit: np.ndarray,
+                    pair: tuple[str, str]) -> pd.DataFrame:
+    """:data:`GAP_PARTS` of the accuracy gap ``pair[0] - pair[1]`` of every unit (index; NaN without both).
+
+    A class only one group has adds no within-class difference: that group's recall stands for both.
+    """
+    a, b = pair
+    rows = pd.DataFrame({"unit": unit, "cls": y_true, "group": groups, "hit": y_true == y_pred})
+    cells = rows[rows["group"].isin(pair)].groupby(["unit", "cls", "group"])["hit"].agg(["size", "mean"])
+    sizes = cells["size"].unstack("group").reindex(columns=[a, b]).fillna(0.0)
+    share = sizes / sizes.groupby(level="unit").transform("sum")
+    recall = cells["mean"].unstack("group").reindex(columns=[a, b])
+    rec_a, rec_b = recall[a].fillna(recall[b]), recall[b].fillna(recall[a])
+    parts = pd.DataFrame({"accuracy_gap_mix": (share[a] - share[b]) * (rec_a + rec_b) / 2,
+                          "accuracy_gap_within": (share[a] + share[b]) / 2 * (rec_a - rec_b)})
+    both = (sizes.groupby(level="unit").sum() > 0).all(axis=1)
+    return parts.groupby(level="unit").sum().where(both)
 
 
 def _overall_per_unit(units: pd.DataFrame, unit: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray,
@@ -554,7 +588,8 @@ def paired_tests(predictions: pd.DataFrame, attributes: list[str], *,
         ``bias_kind="none"``, level 0; ``"mitigation"``: against the same arch, bias kind and level without
         mitigation (a biased, mitigated run group gets both rows). ``reference`` names the reference run
         group. ``metric`` is ``accuracy``, ``macro_f1`` (``attribute="all"``) or a gap of ``attribute``
-        (:data:`GAP_METRICS` or :data:`EQ_ODDS`, see :func:`unit_metrics`); ``direction`` spells the sign:
+        (:data:`GAP_METRICS`, :data:`GAP_PARTS` or :data:`EQ_ODDS`, see :func:`unit_metrics`);
+        ``direction`` spells the sign:
         ``mean_diff`` is
         always run minus reference, of a gap defined as in ``direction`` (e.g. ``(Male - Female) run -
         reference``). Units are paired on (fold, seed) and units with a NaN value dropped; ``n_pairs`` says
@@ -585,7 +620,7 @@ def paired_tests(predictions: pd.DataFrame, attributes: list[str], *,
 
 
 def _paired_direction(metric: str, direction: str) -> str:
-    between_groups = metric in GAP_METRICS or metric == EQ_ODDS
+    between_groups = metric in SIGNED or metric == EQ_ODDS
     return f"({direction}) run - reference" if between_groups else "run - reference"
 
 
@@ -610,14 +645,14 @@ def unit_intervals(predictions: pd.DataFrame, attributes: list[str], *,
         0; NaN for accuracy and macro-F1, where it means nothing). Units are the (fold, seed) models,
         so the interval is the cross-validated one (folds share training images, so it is approximate).
         Intervals are cut to the metric's range: [0, 1] for accuracy, macro-F1 and :data:`EQ_ODDS`, [-1, 1]
-        for the signed gaps.
+        for the signed gaps (:data:`SIGNED`).
     """
     units = unit_metrics(predictions, attributes, focus=focus)
     rows = []
     for key, g in units.groupby([*RUN_KEYS, "attribute", "metric", "direction"], sort=True, dropna=False):
-        bounds = (-1.0, 1.0) if key[-2] in GAP_METRICS else (0.0, 1.0)
+        bounds = (-1.0, 1.0) if key[-2] in SIGNED else (0.0, 1.0)
         summary = _t_summary(g["value"].dropna().to_numpy(), wilcoxon=False, bounds=bounds)
-        if key[-2] not in GAP_METRICS:
+        if key[-2] not in SIGNED:
             summary["p_value"] = np.nan
         rows.append({**dict(zip([*RUN_KEYS, "attribute", "metric", "direction"], key, strict=True)),
                      "n_units": summary["n_pairs"], "mean": summary["mean_diff"],

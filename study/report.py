@@ -45,6 +45,7 @@ from fer_core.fairness import (  # noqa: E402
     CROSS,
     EQ_ODDS,
     GAP_METRICS,
+    GAP_PARTS,
     NO_MITIGATION,
     RUN_KEYS,
     UNIT_KEYS,
@@ -59,8 +60,8 @@ from study.common import run_cli, setup_logging, write_table  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-GAP_NAMES = {"accuracy_gap": "gap", "balanced_accuracy_gap": "balanced gap",  # short labels of GAP_METRICS
-             EQ_ODDS: "EO difference"}  # and of the unsigned equalized-odds difference
+GAP_NAMES = {"accuracy_gap": "gap", "balanced_accuracy_gap": "balanced gap",  # short labels of GAP_METRICS,
+             **GAP_PARTS, EQ_ODDS: "EO difference"}  # of the gap's parts and of the unsigned EO difference
 
 NOT_ATTRIBUTES = {"run_id", "arch", "bias_kind", "bias_level", "bias_attr", "bias_group", "mitigation",
                   "fold", "seed", "split_seed",
@@ -330,7 +331,10 @@ def section_gaps(t: Tables) -> list[str]:
              "t-test; `balanced gap` = the same for balanced accuracy (mean per-class recall), which "
              "compares the groups class by class: when the two gaps differ, part of the accuracy gap is "
              "the groups' class mix (one group's faces are more often in classes that are hard for "
-             "everyone), not errors on that group's faces; `EO`/`DP` = worst-class one-vs-rest "
+             "everyone), not errors on that group's faces; the signed gap is split exactly into a "
+             "`class-mix part` (the gap a model reading every class equally well for both groups would "
+             "still have) and a `within-class part` (what the groups' per-class recalls add); "
+             "`EO`/`DP` = worst-class one-vs-rest "
              "equalized-odds / demographic-parity differences.", ""]
     fair = _baseline(t.fairness)
     gaps = _baseline(t.intervals)
@@ -351,12 +355,14 @@ def _gap_row(arch: str, mitigation: str, fair: pd.DataFrame, gaps: pd.DataFrame,
     if "difference" in acc.index:
         row["difference"] = fmt_ci(*acc.loc["difference", ["value", "ci_low", "ci_high"]])
     mine = gaps[(gaps["arch"] == arch) & (gaps["mitigation"] == mitigation) & (gaps["attribute"] == attr)]
-    for metric, name in (("accuracy_gap", "signed gap"), ("balanced_accuracy_gap", "balanced gap")):
+    for metric, name in (("accuracy_gap", "signed gap"), *GAP_PARTS.items(),
+                         ("balanced_accuracy_gap", "balanced gap")):
         s = mine[mine["metric"] == metric]
         if len(s):
             s = s.iloc[0]
             row[name] = f"{s['direction']}: {fmt_ci(s['mean'], s['ci_low'], s['ci_high'], True)}"
-            row[f"p ({name})"] = fmt_p(s["p_value"])
+            if metric not in GAP_PARTS:
+                row[f"p ({name})"] = fmt_p(s["p_value"])
     other = fair[fair["group"] == "difference"].set_index("metric")["value"]
     for name, metric in (("EO", "eq_odds_diff_ovr"), ("DP", "dem_parity_diff_ovr")):
         row[name] = f"{other.get(metric, np.nan):.3f}"
@@ -462,7 +468,7 @@ def _bias_findings(t: Tables) -> list[str]:
     """One line per bias kind x arch x metric (no mitigation): the change at every level."""
     out = []
     rows = t.paired[(t.paired["comparison"] == "bias") & (t.paired["mitigation"] == NO_MITIGATION)
-                    & (t.paired["metric"] != "macro_f1")]
+                    & ~t.paired["metric"].isin(["macro_f1", *GAP_PARTS])]  # the parts: in the tables
     for (kind, arch, attr, metric), g in rows.groupby(["bias_kind", "arch", "attribute", "metric"]):
         what = f"the {attr} {GAP_NAMES[metric]} ({_gap_direction(g['direction'].iloc[0])})" \
             if metric in GAP_NAMES else metric

@@ -16,6 +16,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 from fer_core.fairness import (
     EQ_ODDS,
     FAIRNESS_COLUMNS,
+    GAP_PARTS,
     PAIRED_COLUMNS,
     RUN_KEYS,
     accuracy_gap,
@@ -396,10 +397,9 @@ def test_unit_metrics_do_not_depend_on_row_order():
     np.testing.assert_allclose(got.sort_values("fold")["value"], by_hand)
 
 
-def test_balanced_gap_separates_class_mix_from_per_class_errors():
-    """Both groups are read equally well inside every class, but one group's faces sit in the hard class:
-    the accuracy gap shows the class mix, the balanced-accuracy gap is 0 and its paired test finds no
-    effect; then Female faces lose recall in one class and the balanced gap moves by the planted amount."""
+def _hard_class_mix() -> pd.DataFrame:
+    """Four folds at level 0: 80 of 100 Focused faces (recall 0.6) are Male, 80 of 100 Happy ones (0.95)
+    Female, both groups read alike; at level 0.5 Female Happy recall falls to 0.55."""
     n_per = 100
     parts = []
     for level, female_loss in ((0.0, 0.0), (0.5, 0.4)):
@@ -417,7 +417,14 @@ def test_balanced_gap_separates_class_mix_from_per_class_errors():
             kind = "representational" if level else "none"
             parts.append(pd.concat(rows).assign(arch="main", bias_kind=kind, bias_level=level,
                                                 mitigation="none", fold=fold, seed=0))
-    frame = pd.concat(parts, ignore_index=True)
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_balanced_gap_separates_class_mix_from_per_class_errors():
+    """Both groups are read equally well inside every class, but one group's faces sit in the hard class:
+    the accuracy gap shows the class mix, the balanced-accuracy gap is 0 and its paired test finds no
+    effect; then Female faces lose recall in one class and the balanced gap moves by the planted amount."""
+    frame = _hard_class_mix()
     units = unit_metrics(frame, ["gender"], classes=["Focused", "Happy"])
     at = units[units["bias_level"] == 0.0].set_index("metric")["value"].groupby(level=0).mean()
     # Male: 80 Focused at 0.6 + 20 Happy at 0.95 = 0.67; Female: 20 at 0.6 + 80 at 0.95 = 0.88
@@ -426,6 +433,58 @@ def test_balanced_gap_separates_class_mix_from_per_class_errors():
     row = _row(paired_tests(frame, ["gender"]), "balanced_accuracy_gap", "gender")
     assert row["mean_diff"] == pytest.approx(0.4 / 2)  # Female Happy recall -0.4, one of two classes
     assert row["direction"] == "(Male - Female) run - reference"
+
+
+def test_accuracy_gap_splits_into_class_mix_and_within_class_parts():
+    """Kitagawa's decomposition by hand. Level 0: groups read alike, so the whole gap is class mix. Level
+    0.5: Female Happy recall 0.55; Male - Female = 0.67 - 0.56 = +0.11 = mix (0.8 - 0.2) x 0.6 + (0.2 -
+    0.8) x (0.95 + 0.55) / 2 = -0.09, plus within-class 0.5 x (0.95 - 0.55) = +0.20."""
+    frame = _hard_class_mix()
+    units = unit_metrics(frame, ["gender"], classes=["Focused", "Happy"])
+    by_level = units.groupby(["bias_level", "metric"])["value"].mean()
+    assert by_level[(0.0, "accuracy_gap_mix")] == pytest.approx(0.67 - 0.88)
+    assert by_level[(0.0, "accuracy_gap_within")] == pytest.approx(0.0, abs=1e-12)
+    assert by_level[(0.5, "accuracy_gap")] == pytest.approx(0.11)
+    assert by_level[(0.5, "accuracy_gap_mix")] == pytest.approx(-0.09)
+    assert by_level[(0.5, "accuracy_gap_within")] == pytest.approx(0.20)
+    parts = units[units["metric"].isin(list(GAP_PARTS))]
+    assert (parts["direction"] == "Male - Female").all()
+    row = _row(paired_tests(frame, ["gender"]), "accuracy_gap_within", "gender")
+    assert row["mean_diff"] == pytest.approx(0.20) and row["direction"] == "(Male - Female) run - reference"
+    intervals = unit_intervals(frame, ["gender"]).set_index(["bias_level", "metric"])
+    assert intervals.loc[(0.5, "accuracy_gap_mix"), "ci_low"] >= -1.0  # signed: range [-1, 1]
+    assert intervals.loc[(0.0, "accuracy_gap_within"), "p_value"] == 1.0  # tested against 0, as a gap is
+
+
+def test_gap_parts_add_up_with_missing_classes_and_groups():
+    """On random predictions the parts add up to the accuracy gap fold by fold, also where a class has
+    images of one group only; a fold with one group has none, an attribute with no sign (three groups, no
+    focus) has no parts, and the same attribute with a focus has them."""
+    rng = np.random.default_rng(3)
+    n = 800
+    gender = rng.choice(["Female", "Male"], n)
+    y_true = np.where(gender == "Male", rng.choice(CLASSES, n, p=[0.5, 0.2, 0.2, 0.1]),
+                      rng.choice(CLASSES, n))  # men mostly in the hard first class
+    hit = rng.random(n) < np.where(y_true == CLASSES[0], 0.5, 0.9)
+    y_pred = np.where(hit, y_true, rng.choice(CLASSES, n))
+    frame = pd.DataFrame({"arch": "main", "bias_kind": "none", "bias_level": 0.0, "mitigation": "none",
+                          "fold": rng.integers(0, 4, n), "seed": 0, "y_true": y_true, "y_pred": y_pred,
+                          "gender": gender, "age": rng.choice(["Adult", "Senior", "Baby"], n)})
+    frame = frame[~((frame["fold"] == 1) & (frame["y_true"] == CLASSES[1]) & (frame["gender"] == "Male"))]
+    assert frame.groupby(["fold", "y_true"])["gender"].nunique().min() == 1  # fold 1: a class of women only
+    units = unit_metrics(frame, ["gender"], classes=CLASSES)
+    wide = units[units["attribute"] == "gender"].pivot_table(
+        index=[*RUN_KEYS, "fold"], columns="metric", values="value")
+    assert len(wide) == frame.groupby([*RUN_KEYS, "fold"]).ngroups
+    np.testing.assert_allclose(wide["accuracy_gap_mix"] + wide["accuracy_gap_within"], wide["accuracy_gap"],
+                               atol=1e-12)
+    alone = unit_metrics(_predictions(), ["gender"], classes=CLASSES)  # every fold holds one gender
+    assert alone[alone["metric"].isin(list(GAP_PARTS))]["value"].isna().all()
+    assert not unit_metrics(frame, ["age"], classes=CLASSES)["metric"].isin(list(GAP_PARTS)).any()
+    focused = unit_metrics(frame, ["age"], classes=CLASSES, focus={"age": "Senior"})
+    wide = focused.pivot_table(index=[*RUN_KEYS, "fold"], columns="metric", values="value")
+    np.testing.assert_allclose(wide["accuracy_gap_mix"] + wide["accuracy_gap_within"], wide["accuracy_gap"],
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("attribute", ["gender", "age"])
