@@ -80,7 +80,8 @@ def test_report_from_tables_alone(results, tmp_path):
         assert fmt_ci(female["value"], female["ci_low"], female["ci_high"]) in text
     assert "Male - Female" in text
     intervals = unit_intervals(pd.read_parquet(results / "predictions.parquet"), ["gender"])
-    for metric in ("accuracy_gap", "balanced_accuracy_gap"):  # the signed and the class-by-class gap
+    # the signed gap, its class-mix and within-class parts, and the class-by-class gap
+    for metric in ("accuracy_gap", "accuracy_gap_mix", "accuracy_gap_within", "balanced_accuracy_gap"):
         row = intervals[(intervals[RUN_KEYS].apply(tuple, axis=1) == ("main", "none", 0.0, "none"))
                         & (intervals["metric"] == metric)].iloc[0]
         assert f"Male - Female: {fmt_ci(row['mean'], row['ci_low'], row['ci_high'], True)}" in text
