@@ -195,8 +195,8 @@ def gap_parts(paired: pd.DataFrame, units: pd.DataFrame) -> None:
     """The gender accuracy gap split into its class-mix and within-class parts, and each mitigation's change.
 
     The class-mix part is what a model reading every class equally well for women and men would still
-    show; a mitigation moves it only by changing how well the classes are read for everybody. So a gap
-    mostly made of it can be halved by a mitigation that holds accuracy only by moving the within-class
+    show; a mitigation moves it only by changing how well the classes are read for everybody. So a
+    mitigation that holds accuracy can halve a gap made mostly of class mix only by moving the within-class
     part the other way: reading the better-read group worse inside its classes.
     """
     print("\n== gender accuracy gap = class-mix part + within-class part (points; 95% t intervals) ==")
