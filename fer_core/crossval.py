@@ -17,6 +17,7 @@ from fer_core import __version__
 from fer_core.checkpoint import load_model
 from fer_core.config import SplitConfig, TrainConfig, config_hash, to_dict
 from fer_core.data import FaceDataset
+from fer_core.fairness import UNKNOWN
 from fer_core.landmarks import align_faces, fit_landmark_head, landmark_features
 from fer_core.metrics import classification_metrics, confusion
 from fer_core.splits import carve_validation, kfold_splits
@@ -26,7 +27,6 @@ from fer_core.training import (
     balancing_weights,
     evaluate,
     fit,
-    group_cells,
     predict_saved,
     to_tensor,
 )
@@ -57,7 +57,7 @@ def train_groups(ds: FaceDataset, idx: np.ndarray, cfg: TrainConfig) -> np.ndarr
     if cfg.group_attr not in ds.manifest:
         raise KeyError(f"mitigation {cfg.mitigation!r}: dataset {ds.name!r} has no attribute "
                        f"{cfg.group_attr!r}; attributes: {list(ds.attributes)}")
-    return ds.manifest[cfg.group_attr].iloc[idx].fillna("unknown").astype(str).to_numpy()
+    return ds.manifest[cfg.group_attr].iloc[idx].fillna(UNKNOWN).astype(str).to_numpy()
 
 
 def split_validation(ds: FaceDataset, train_idx: np.ndarray, cfg: TrainConfig, seed: int
@@ -174,14 +174,14 @@ def attach_landmarks(result: FitResult, cfg: TrainConfig, ds: FaceDataset, rows:
 def landmark_sample_weight(ds: FaceDataset, rows: np.ndarray, cfg: TrainConfig) -> np.ndarray | None:
     """Weights of the landmark model's faces under a mitigation that weights examples, else None.
 
-    ``resample`` and ``reweight`` weight the CNN's examples by the inverse size of their class x group
-    cell (drawn or in the loss); the landmark model, a logistic regression with no epochs to draw, is fitted
+    ``resample`` and ``reweight`` weight the CNN's examples with :func:`balancing_weights` (drawn or in the
+    loss); the landmark model, a logistic regression with no epochs to draw, is fitted
     with those weights under either. The other mitigations change the CNN's training alone, so the
     landmark model averaged into their predictions is fitted as without mitigation.
     """
     if cfg.mitigation not in ("resample", "reweight"):
         return None
-    return balancing_weights(group_cells(ds.labels[rows], train_groups(ds, rows, cfg)))
+    return balancing_weights(ds.labels[rows], train_groups(ds, rows, cfg))
 
 
 def network_input(ds: FaceDataset, idx: np.ndarray, face_align: bool) -> np.ndarray:

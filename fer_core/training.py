@@ -11,8 +11,8 @@ Validation for early stopping is carved from the training data by the caller (se
 :func:`fer_core.splits.carve_validation`).
 
 Mitigations of group imbalance are training options here, so every entry point can use them:
-``resample`` (draw each epoch with weights balancing class x group cells), ``reweight`` (weight each
-example's loss by the inverse size of its class x group cell), ``groupdro`` (online group DRO:
+``resample`` (draw each epoch with :func:`balancing_weights`: every class the same weight, shared equally
+by its known groups), ``reweight`` (the same weights on each example's loss), ``groupdro`` (online group DRO:
 exponentiated-gradient weights on the groups' losses, so the worst group dominates) and ``groupheads``
 (domain-independent training: one classifier per group on shared features, each image scored by its own
 group's classifier, the groups' logits summed to predict; see :class:`fer_core.models.GroupHeads`) and
@@ -39,13 +39,14 @@ import pandas as pd
 import scipy.stats
 import torch
 import torch.nn.functional as F
+from sklearn.utils.class_weight import compute_sample_weight
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms.v2 import functional as TF
 
 from fer_core.checkpoint import SavedModel, load_weights_into
 from fer_core.config import TrainConfig
-from fer_core.fairness import accuracy_gap
+from fer_core.fairness import UNKNOWN, accuracy_gap
 from fer_core.landmarks import LandmarkHead, align_faces, landmark_features
 from fer_core.metrics import macro_f1
 from fer_core.models import Adversary, GroupHeads, create_model
@@ -199,18 +200,10 @@ class FitResult:
     face_align: bool = False  # the network reads faces the face mesh aligned (training key face_align)
 
 
-def group_cells(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
-    """Integer id of each example's class x group cell (class alone when ``groups`` is None)."""
-    if groups is None:
-        return np.asarray(labels)
-    keys = [f"{y}|{g}" for y, g in zip(labels, groups, strict=True)]
-    return np.unique(keys, return_inverse=True)[1]
-
-
 def known_groups(groups: np.ndarray) -> tuple[list[str], np.ndarray]:
     """The known groups, sorted, and each example's index among them (-1 for ``"unknown"``)."""
     names = np.asarray(groups).astype(str)
-    known = sorted(set(names) - {"unknown"})
+    known = sorted(set(names) - {UNKNOWN})
     lookup = {g: i for i, g in enumerate(known)}
     return known, np.array([lookup.get(g, -1) for g in names], dtype=np.int64)
 
@@ -221,11 +214,23 @@ def conditional_entropy(groups: np.ndarray, labels: np.ndarray) -> float:
     return float(np.average(scipy.stats.entropy(table, axis=1), weights=table.sum(1)))
 
 
-def balancing_weights(cells: np.ndarray) -> np.ndarray:
-    """Per-example weight inversely proportional to its cell's size, mean 1."""
-    counts = np.bincount(cells)
-    w = 1.0 / counts[cells]
-    return w / w.mean()
+def balancing_weights(labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Per-example weights, mean 1: every class the same total, shared equally by its known groups.
+
+    Images of unknown group (``"unknown"``) keep their natural share of their class: they are neither a
+    group to balance nor left out. Without ``groups`` the weights balance the classes alone. A class with
+    one known group only (a stereotypical bias can empty a class x group cell) still gets a class's full
+    weight, so the number of groups present does not change the class mix the model learns.
+    """
+    labels = np.asarray(labels)
+    weights = compute_sample_weight("balanced", labels)
+    if groups is not None:
+        groups = np.asarray(groups).astype(str)
+        for label in np.unique(labels):
+            known = (labels == label) & (groups != UNKNOWN)
+            if known.any():
+                weights[known] *= compute_sample_weight("balanced", groups[known])
+    return weights / weights.mean()
 
 
 class Trainer:
@@ -323,11 +328,10 @@ class Trainer:
             raise ValueError(f"mitigation {cfg.mitigation!r} needs the group of each training image "
                              f"(attribute {cfg.group_attr!r})")
         groups = np.asarray(groups, dtype=object)
-        cells = group_cells(labels, groups)
         if cfg.mitigation == "resample":
-            self.sample_weights = torch.as_tensor(balancing_weights(cells), device=self.device)
+            self.sample_weights = torch.as_tensor(balancing_weights(labels, groups), device=self.device)
         elif cfg.mitigation == "reweight":
-            self.loss_weights = torch.as_tensor(balancing_weights(cells), dtype=torch.float32,
+            self.loss_weights = torch.as_tensor(balancing_weights(labels, groups), dtype=torch.float32,
                                                 device=self.device)
         elif cfg.mitigation == "groupheads":
             # one classifier per known group; an image of unknown group (index n_heads) is scored by

@@ -14,7 +14,6 @@ from fer_core.training import (
     balancing_weights,
     erase_patches,
     fit,
-    group_cells,
     input_stats,
     unit_pixels,
 )
@@ -137,14 +136,17 @@ def test_ema_and_erase_resume_exactly():
     assert [h["val_loss"] for h in plain.history] != [h["val_loss"] for h in full.history]
 
 
-def test_balancing_weights_equalise_cells():
-    y = np.array([0, 0, 0, 0, 1, 1])
-    g = np.array(["F", "M", "M", "M", "F", "M"])
-    cells = group_cells(y, g)
-    w = balancing_weights(cells)
-    totals = {c: w[cells == c].sum() for c in np.unique(cells)}
-    assert np.allclose(list(totals.values()), list(totals.values())[0])
-    assert w.mean() == pytest.approx(1.0)
+def test_balancing_weights_equalise_classes_and_their_known_groups():
+    # class 0: one F, three M, two of unknown group; class 1: two F and no M (an emptied cell)
+    y = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    g = np.array(["F", "M", "M", "M", "unknown", "unknown", "F", "F"])
+    w = balancing_weights(y, g)
+    # by hand: each class gets half of the total 8; class 0's unknown images keep their natural 2/6 of
+    # its 4 (2/3 each), F and M split the other 8/3 (4/3 for the one F, 4/9 for each M); class 1's two F
+    # images share its 4
+    np.testing.assert_allclose(w, [4 / 3, 4 / 9, 4 / 9, 4 / 9, 2 / 3, 2 / 3, 2, 2])
+    # balancing cells alone would have given class 0 three times class 1's weight (3 cells against 1)
+    np.testing.assert_allclose(balancing_weights(y, None), [2 / 3] * 6 + [2, 2])
 
 
 @pytest.mark.parametrize("mitigation", ["resample", "reweight", "groupdro", "groupheads", "adversary"])
