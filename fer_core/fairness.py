@@ -415,8 +415,9 @@ def unit_metrics(predictions: pd.DataFrame, attributes: list[str], *, classes: l
         focus), :data:`GAP_PARTS`: ``accuracy_gap_mix`` and ``accuracy_gap_within``, which add up to
         ``accuracy_gap``), ``direction`` (the gap's sign convention, see
         :func:`gap_direction`; ``"worst class, |...|"`` for :data:`EQ_ODDS`; the metric name otherwise)
-        and ``value``. A unit that lacks one of the two groups has a NaN gap; a rate is compared only
-        where at least two groups have images it is defined on.
+        and ``value``. A unit with fewer than two groups has a NaN gap (an attribute with no known value
+        at all: NaN everywhere, and a log line); a rate is compared only where at least two groups have
+        images it is defined on.
     """
     _check_columns(predictions, attributes, UNIT_KEYS)
     classes = list(classes) if classes is not None else infer_classes(predictions)
@@ -429,14 +430,22 @@ def unit_metrics(predictions: pd.DataFrame, attributes: list[str], *, classes: l
     for attr in attributes:
         direction, sensitive, pair = gap_direction(group_labels(predictions, attr), (focus or {}).get(attr))
         known = sensitive.notna().to_numpy()
+        if not known.any():
+            logger.warning("attribute %r: no prediction has a known value; its gaps are NaN", attr)
+            frames += [units.assign(attribute=attr, metric=metric, direction=direction, value=np.nan)
+                       for metric in GAP_METRICS]
+            frames.append(units.assign(attribute=attr, metric=EQ_ODDS, direction=f"worst class, |{direction}|",
+                                       value=np.nan))
+            continue
         group = pd.Series(sensitive[known].astype(str).to_numpy(), name="group")
         head = _headline_metrics(len(classes))
         frame = MetricFrame(metrics={gap: head[metric] for gap, metric in GAP_METRICS.items()},
                             y_true=y_true[known], y_pred=y_pred[known], sensitive_features=group,
                             control_features=pd.Series(data["unit"].to_numpy()[known], name="unit"))
         for gap_metric in GAP_METRICS:
-            if pair is None:
-                gap = frame.difference(errors="coerce")[gap_metric]
+            if pair is None:  # largest minus smallest: a unit with one group has no gap, not a gap of 0
+                two = frame.by_group[gap_metric].groupby(level="unit").count() >= 2
+                gap = frame.difference(errors="coerce")[gap_metric].where(two)
             else:
                 by_group = frame.by_group[gap_metric].unstack("group")
                 gap = by_group.get(pair[0], np.nan) - by_group.get(pair[1], np.nan)

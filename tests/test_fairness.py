@@ -487,6 +487,32 @@ def test_gap_parts_add_up_with_missing_classes_and_groups():
                                atol=1e-12)
 
 
+def test_unsigned_gap_needs_two_groups_in_a_unit_and_an_attribute_with_no_value_is_nan(caplog):
+    """Largest minus smallest over the groups a unit has: a unit with one group gets NaN, not 0; an
+    attribute no prediction knows gives NaN gaps and a log line instead of an error."""
+    rng = np.random.default_rng(5)
+    n = 600
+    frame = pd.DataFrame({"arch": "main", "bias_kind": "none", "bias_level": 0.0, "mitigation": "none",
+                          "fold": rng.integers(0, 3, n), "seed": 0, "y_true": rng.choice(CLASSES, n),
+                          "age": rng.choice(["Adult", "Senior", "Baby"], n), "source": None})
+    frame["y_pred"] = np.where(rng.random(n) < 0.7, frame["y_true"], rng.choice(CLASSES, n))
+    frame = frame[(frame["fold"] != 2) | (frame["age"] == "Adult")]  # fold 2: adults only
+    with caplog.at_level(logging.WARNING, logger="fer_core.fairness"):
+        units = unit_metrics(frame, ["age", "source"], classes=CLASSES)
+    gaps = units[(units["attribute"] == "age") & (units["metric"] == "accuracy_gap")]
+    gaps = gaps.set_index("fold")["value"]
+    accuracy = (frame["y_true"] == frame["y_pred"]).groupby([frame["fold"], frame["age"]]).mean()
+    by_hand = accuracy.groupby(level="fold").max() - accuracy.groupby(level="fold").min()
+    np.testing.assert_allclose(gaps[[0, 1]], by_hand[[0, 1]])
+    assert np.isnan(gaps[2]) and by_hand[2] == 0.0  # what max - min over one group would have said
+    source = units[units["attribute"] == "source"]
+    assert set(source["metric"]) == {"accuracy_gap", "balanced_accuracy_gap", "eq_odds_diff_ovr"}
+    assert source["value"].isna().all() and "'source': no prediction has a known value" in caplog.text
+    paired = paired_tests(frame.assign(mitigation="reweight").pipe(lambda f: pd.concat([frame, f])),
+                          ["age", "source"])
+    assert (paired["attribute"] == "source").sum() == 0 and (paired["attribute"] == "age").any()
+
+
 @pytest.mark.parametrize("attribute", ["gender", "age"])
 def test_unit_equalized_odds_matches_fairlearn_per_fold(preds, attribute):
     """Per (run group, fold): the worst class's fairlearn ``equalized_odds_difference``, one class at a time;
