@@ -165,6 +165,10 @@ def _smoke_test(cfg: ReportConfig, out: Path | None) -> int:
 
 # ---- tables ----
 
+_REFOCUSED_IN_PLACE = ("%s measures the gaps against %s; the report recomputed its paired tests with focus "
+                       "%s and left that file as the sweep wrote it (--out keeps the recomputed table)")
+
+
 def load_tables(results: Path, cfg: ReportConfig, out: Path) -> Tables:
     """Read every table the report needs; compute (and save into ``out``) fairness and paired if missing."""
     predictions = pd.read_parquet(results / "predictions.parquet")
@@ -180,10 +184,18 @@ def load_tables(results: Path, cfg: ReportConfig, out: Path) -> Tables:
         fairness = fairness_table(predictions, attributes, classes, n_boot=cfg.n_boot, seed=cfg.seed)
         write_table(fairness, out / "fairness.parquet", n_boot=str(cfg.n_boot))
     paired = _read(results / "paired.parquet")
-    focus = dict(cfg.focus) or _focus_of(paired)
+    stored = _focus_of(paired)
+    focus = {**stored, **cfg.focus}
     if paired is None:
         paired = paired_tests(predictions, attributes, focus=focus or None)
         write_table(paired, out / "paired.parquet")
+    elif any(stored.get(attr) != group for attr, group in cfg.focus.items()):
+        # the paired gaps must have the signs of the intervals the report puts them beside
+        paired = paired_tests(predictions, attributes, focus=focus)
+        if out.resolve() == results.resolve():
+            logger.warning(_REFOCUSED_IN_PLACE, results / "paired.parquet", stored, cfg.focus)
+        else:
+            write_table(paired, out / "paired.parquet")
     intervals = unit_intervals(predictions, attributes, focus=focus or None)
     composition = read_composition(results, predictions, attributes)
     return Tables(predictions, fairness, paired, intervals, composition, attributes, classes)
@@ -329,9 +341,9 @@ def section_gaps(t: Tables) -> list[str]:
              "`difference` = largest minus smallest group accuracy (never negative); `signed gap` = mean "
              "over units of the gap in the stated direction with a 95% t interval and a one-sample "
              "t-test; `balanced gap` = the same for balanced accuracy (mean per-class recall), which "
-             "compares the groups class by class: when the two gaps differ, part of the accuracy gap is "
-             "the groups' class mix (one group's faces are more often in classes that are hard for "
-             "everyone), not errors on that group's faces; the signed gap is split exactly into a "
+             "compares the groups class by class, every class weighing alike (so it leaves out the "
+             "groups' class mix: one group's faces more often in classes that are hard for everyone); "
+             "the signed gap is split exactly into a "
              "`class-mix part` (the gap a model reading every class equally well for both groups would "
              "still have) and a `within-class part` (what the groups' per-class recalls add); "
              "`EO`/`DP` = worst-class one-vs-rest "
@@ -437,17 +449,23 @@ def _best_finding(t: Tables) -> list[str]:
 def _gap_findings(t: Tables) -> list[str]:
     out = []
     gaps = _baseline(t.intervals, NO_MITIGATION)
-    balanced = gaps[gaps["metric"] == "balanced_accuracy_gap"].set_index(["arch", "attribute"])
+    other = gaps.set_index(["arch", "attribute", "metric"])
     for r in gaps[gaps["metric"] == "accuracy_gap"].itertuples():
         ci = fmt_ci(r.mean, r.ci_low, r.ci_high, signed=True)
         out.append(_one_gap_finding(r, ci))
-        if (r.arch, r.attribute) in balanced.index and r.direction != "max - min":
-            b = balanced.loc[(r.arch, r.attribute)]
+        if (r.arch, r.attribute, "balanced_accuracy_gap") in other.index and r.direction != "max - min":
+            b = other.loc[(r.arch, r.attribute, "balanced_accuracy_gap")]
             verdict = "excludes 0" if _excludes_zero(b.ci_low, b.ci_high) else "does not exclude 0"
             out.append(f"{r.arch}, level 0, class by class: the {r.attribute} gap in balanced accuracy "
                        f"(mean per-class recall) is {fmt_ci(b['mean'], b.ci_low, b.ci_high, signed=True)} "
-                       f"({verdict}, p {fmt_p(b.p_value)}); where it differs from the accuracy gap, the "
-                       "difference comes from the groups' class mix, not from how well their faces are read.")
+                       f"({verdict}, p {fmt_p(b.p_value)}).")
+        if all((r.arch, r.attribute, part) in other.index for part in GAP_PARTS):
+            mix, within = (other.loc[(r.arch, r.attribute, part)] for part in GAP_PARTS)
+            out.append(f"{r.arch}, level 0: the {r.attribute} accuracy gap is a class-mix part "
+                       f"{fmt_ci(mix['mean'], mix.ci_low, mix.ci_high, signed=True)} (the groups' faces are "
+                       "in classes read differently well) plus a within-class part "
+                       f"{fmt_ci(within['mean'], within.ci_low, within.ci_high, signed=True)} (the groups' "
+                       "faces read differently well inside the classes).")
     return out
 
 

@@ -186,3 +186,30 @@ def test_a_pipe_inside_a_cell_does_not_split_the_markdown_table():
     lines = table.strip().splitlines()
     assert [len(re.findall(r"(?<!\\)\|", line)) for line in lines] == [4, 4, 4]
     assert "\\|Male - Female\\|" in lines[0] and "a\\|b" in lines[2]
+
+
+def test_a_focus_other_than_the_sweeps_recomputes_the_paired_gaps(tmp_path, caplog):
+    """Signs must agree: the paired changes of a gap are put beside its intervals, so a focus that turns
+    the gap round gives the same narrow / widen verdicts, and the sweep's own paired.parquet is kept."""
+    results = tmp_path / "res"
+    results.mkdir()
+    write_table(_handmade(n=240, folds=6), results / "predictions.parquet")
+    assert main([str(results), "n_boot=0", 'attributes=["gender"]']) == 0  # writes paired.parquet
+    written = pd.read_parquet(results / "paired.parquet")
+
+    def verdicts(text):
+        return re.findall(r"reweight vs no mitigation: .*?(\d+ narrow, \d+ widen)", text)
+
+    before = verdicts((results / "report.md").read_text())
+    assert before and before != ["0 narrow, 0 widen"]  # reweight halves the planted drop: it narrows
+    out = tmp_path / "male"
+    male = ["n_boot=0", 'attributes=["gender"]', "focus.gender=Male"]
+    assert main([str(results), "--out", str(out), *male]) == 0
+    turned = pd.read_parquet(out / "paired.parquet")
+    gaps = turned[(turned["metric"] == "accuracy_gap") & (turned["attribute"] == "gender")]
+    assert set(gaps["direction"]) == {"(Female - Male) run - reference"}
+    assert verdicts((out / "report.md").read_text()) == before
+    with caplog.at_level("WARNING", logger="study.report"):
+        assert main([str(results), *male]) == 0
+    assert "left that file as the sweep wrote it" in caplog.text
+    pd.testing.assert_frame_equal(pd.read_parquet(results / "paired.parquet"), written)
