@@ -113,7 +113,12 @@ class TrainConfig:
         _check(where, "epochs", self.epochs, self.epochs >= 1, ">= 1")
         _check(where, "batch_size", self.batch_size, self.batch_size >= 2, ">= 2")
         _check(where, "lr", self.lr, self.lr > 0, "> 0")
-        _check(where, "val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)")
+        _check(where, "val_fraction", self.val_fraction, 0 <= self.val_fraction <= 0.5,
+               "in [0, 0.5] (the share of training images held out for early stopping; 0: none)")
+        _check(where, "patience", self.patience, self.patience >= 1,
+               ">= 1 (epochs without a better validation score before stopping)")
+        _check(where, "dro_eta", self.dro_eta, math.isfinite(self.dro_eta) and self.dro_eta >= 0,
+               "finite and >= 0 (group DRO's step size)")
         _check(where, "label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)")
         _check(where, "dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")
         _check(where, "aug_strength", self.aug_strength, self.aug_strength >= 0, ">= 0")

@@ -434,8 +434,8 @@ def unit_metrics(predictions: pd.DataFrame, attributes: list[str], *, classes: l
             logger.warning("attribute %r: no prediction has a known value; its gaps are NaN", attr)
             frames += [units.assign(attribute=attr, metric=metric, direction=direction, value=np.nan)
                        for metric in GAP_METRICS]
-            frames.append(units.assign(attribute=attr, metric=EQ_ODDS, direction=f"worst class, |{direction}|",
-                                       value=np.nan))
+            frames.append(units.assign(attribute=attr, metric=EQ_ODDS, value=np.nan,
+                                       direction=f"worst class, |{direction}|"))
             continue
         group = pd.Series(sensitive[known].astype(str).to_numpy(), name="group")
         head = _headline_metrics(len(classes))

@@ -7,6 +7,7 @@ a split. Everything is drawn from ``split_seed``; the same seed gives the same f
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,6 +16,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 logger = logging.getLogger(__name__)
 
 _TOO_FEW = "class {0!r} has {1} images, fewer than k={2} folds; use a smaller k"
+_SMALL_CLASS = ("validation carve: class %r has %d training images, fewer than the carve's %d parts, so "
+                "it may have none in validation")
 
 
 def kfold_splits(labels: np.ndarray, groups: np.ndarray, k: int, split_seed: int,
@@ -38,13 +41,20 @@ def carve_validation(labels: np.ndarray, groups: np.ndarray, fraction: float, se
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Split training indices into ``(fit_idx, val_idx)`` with about ``fraction`` held out for validation.
 
-    Used for early stopping, so it comes from inside the training folds, never from the test fold.
+    Used for early stopping, so it comes from inside the training folds, never from the test fold. The
+    carve is one part of ``round(1 / fraction)`` stratified parts (at least 2), so every class gives about
+    ``fraction`` of its images; a class with fewer images than parts may give none (logged), and one
+    with fewer than 2 cannot be split (an error).
     """
-    # with tiny classes, hold out one image per class rather than fail
-    min_count = int(np.unique(labels, return_counts=True)[1].min())
-    if min_count < 2:
-        raise ValueError(_TOO_FEW.format("(smallest)", min_count, 2) + " or set val_fraction=0")
-    n_splits = max(2, min(round(1 / fraction), min_count))
+    values, counts = np.unique(labels, return_counts=True)
+    if counts.min() < 2:
+        raise ValueError(_TOO_FEW.format(values[counts.argmin()].item(), int(counts.min()), 2)
+                         + " or set val_fraction=0")
+    n_splits = max(2, round(1 / fraction))
+    if counts.min() < n_splits:
+        logger.warning(_SMALL_CLASS, values[counts.argmin()].item(), int(counts.min()), n_splits)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    fit_idx, val_idx = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    with warnings.catch_warnings():  # said above, in the terms of this carve
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        fit_idx, val_idx = next(splitter.split(np.zeros(len(labels)), labels, groups))
     return fit_idx, val_idx

@@ -36,6 +36,11 @@ def test_bad_choice_and_range():
         TrainConfig(optimizer="adam")
     with pytest.raises(ValueError, match="k"):
         SplitConfig(k=1)
+    # patience 0 returned the untrained model; a negative step turns group DRO's ascent into descent;
+    # a carve above a half cannot be made of equal parts
+    for bad in ({"patience": 0}, {"dro_eta": -0.1}, {"dro_eta": float("nan")}, {"val_fraction": 0.6}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
 
 
 def test_int_is_accepted_for_float_and_file_then_command_line(tmp_path):

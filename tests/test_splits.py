@@ -46,3 +46,16 @@ def test_too_few_images_names_the_class_when_names_are_given():
     labels, ids = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1]), np.arange(10)
     with pytest.raises(ValueError, match="class 'Happy' has 3 images, fewer than k=5"):
         kfold_splits(labels, ids, 5, 0, ("Happy", "Neutral"))  # checked at the call, before any fold
+
+
+def test_a_tiny_class_does_not_enlarge_the_validation_carve(caplog):
+    labels = np.repeat(np.arange(4), [5, 300, 300, 300])
+    ids = np.arange(len(labels)).astype(str)
+    with caplog.at_level("WARNING", logger="fer_core.splits"):
+        fit_idx, val_idx = carve_validation(labels, ids, 0.1, seed=0)
+    assert "class 0 has 5 training images" in caplog.text
+    # each large class gives a tenth (the tiny one used to set the carve to a fifth of every class)
+    np.testing.assert_array_equal(np.bincount(labels[val_idx], minlength=4)[1:], [30, 30, 30])
+    assert sorted([*fit_idx, *val_idx]) == list(range(len(labels)))
+    with pytest.raises(ValueError, match="1 images, fewer than k=2"):
+        carve_validation(np.repeat(np.arange(2), [1, 50]), np.arange(51).astype(str), 0.1, seed=0)
