@@ -26,7 +26,6 @@ import pandas as pd
 from sklearn.metrics import f1_score
 
 from fer_core.checkpoint import SavedModel, load_model
-from fer_core.config import parse_overrides
 from fer_core.data import image_id, load_dataset
 from fer_core.dataset_spec import IMAGE_FITS
 from fer_core.importer import BadImage, read_gray, to_square
@@ -39,6 +38,7 @@ logger = logging.getLogger(__name__)
 _NO_IMAGES = "{0}: no decodable images found ({1} files skipped); nothing to evaluate"
 _NOT_FOUND = "{0}: no such file or folder"
 _SIZE = "{0}: images are {1}, the model expects {2}; re-import with study.prepare --size {3}"
+_BAD_MAP_ITEM = "--class-map {0!r}: expected FOLDER=CLASS, e.g. --class-map Engaged=Focused"
 _BAD_MAP = "--class-map {0}={1}: {1!r} is not one of the model's classes {2}"
 _UNMATCHED = ("{0}: {1} images carry labels that are not the model's classes {2}: {3}; they are predicted "
               "but not scored. Rename them with --class-map LABEL=CLASS (e.g. --class-map {4}=...)")
@@ -167,13 +167,24 @@ def score(saved: SavedModel, preds: pd.DataFrame) -> dict:
     return metrics
 
 
+def parse_class_map(items: list[str]) -> dict[str, str]:
+    """``["Engaged=Focused", ...]`` as ``{folder: class}``: split at the first ``=``, names kept as typed."""
+    mapping = {}
+    for item in items:
+        folder, sep, name = item.partition("=")
+        if not (folder and sep and name):
+            raise ValueError(_BAD_MAP_ITEM.format(item))
+        mapping[folder] = name
+    return mapping
+
+
 def main(argv: list[str] | None = None) -> int:
     """Predict with a saved model (or the average of several) and report metrics where labels exist."""
     args = parse_args(argv)
     setup_logging(args.verbose)
     models = load_models(args.model)
     saved = models[0]
-    class_map = {k: str(v) for k, v in parse_overrides(args.class_map).items()}
+    class_map = parse_class_map(args.class_map)
     for folder, name in class_map.items():
         if name not in saved.classes:
             raise ValueError(_BAD_MAP.format(folder, name, list(saved.classes)))

@@ -119,13 +119,13 @@ def test_evaluate_warns_about_labels_that_are_not_the_models_classes(kfold_run, 
     ds = bar_dataset(12, seed=6)
     folder = tmp_path / "imgs"
     for i, (px, label) in enumerate(zip(ds.pixels, ds.manifest["label"], strict=True)):
-        name = "Joyful" if label == "Happy" else label  # one class under another name
+        name = "Joyful.v2" if label == "Happy" else label  # one class under another name
         (folder / name).mkdir(parents=True, exist_ok=True)
         Image.fromarray(px).save(folder / name / f"{i}.png")
     n_joyful = int((ds.manifest["label"] == "Happy").sum())
     assert evaluate.main(["--model", model, "--data", str(folder), "--out", str(tmp_path / "a")]) == 0
     assert f"{n_joyful} images carry labels that are not the model's classes" in caplog.text
-    assert "--class-map Joyful=" in caplog.text
+    assert "--class-map Joyful.v2=" in caplog.text
     report = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert report["n_images"] == 12 and report["metrics"]["n_labelled"] == 12 - n_joyful
     preds = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
@@ -135,12 +135,14 @@ def test_evaluate_warns_about_labels_that_are_not_the_models_classes(kfold_run, 
     present = sorted(known["label"].unique())
     assert report["metrics"]["macro_f1_present"] == pytest.approx(
         f1_score(known["label"], known["y_pred"], labels=present, average="macro"))
-    # renamed, every image is scored
+    # renamed, every image is scored (a dot in a folder's name is no config key's separator)
     assert evaluate.main(["--model", model, "--data", str(folder), "--out", str(tmp_path / "b"),
-                          "--class-map", "Joyful=Happy"]) == 0
+                          "--class-map", "Joyful.v2=Happy"]) == 0
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["metrics"]["n_labelled"] == 12
-    with pytest.raises(ValueError, match="--class-map Joyful=Joy: 'Joy' is not one of the model's classes"):
-        evaluate.main(["--model", model, "--data", str(folder), "--class-map", "Joyful=Joy"])
+    with pytest.raises(ValueError, match="--class-map Joyful.v2=Joy: 'Joy' is not one of the model's"):
+        evaluate.main(["--model", model, "--data", str(folder), "--class-map", "Joyful.v2=Joy"])
+    with pytest.raises(ValueError, match="--class-map 'Joyful.v2': expected FOLDER=CLASS"):
+        evaluate.main(["--model", model, "--data", str(folder), "--class-map", "Joyful.v2"])
 
 
 def test_evaluate_makes_non_square_images_square_as_fit_says(kfold_run, tmp_path, caplog):
