@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke-test", action="store_true", help="8 one-epoch runs on 160 synthetic faces")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def resolve(args: argparse.Namespace) -> tuple[SweepExperiment, Path]:
@@ -279,6 +279,21 @@ def pending_runs(out: Path, grid: list[RunSpec], max_runs: int) -> list[RunSpec]
     return todo[:max_runs] if max_runs > 0 else todo
 
 
+def earlier_failures(out: Path, grid: list[RunSpec]) -> list[dict]:
+    """After an invocation that trained nothing: the runs of ``failed_runs.json`` still not done.
+
+    The file is rewritten without the runs another invocation has finished since, and kept otherwise,
+    so ``--tables-only`` does not lose the record of a run that kept failing.
+    """
+    path = out / "failed_runs.json"
+    if not path.is_file():
+        return []
+    done = {spec.run_id for spec in grid if is_done(out, spec)}
+    left = [f for f in json.loads(path.read_text()) if f.get("run_id") not in done]
+    write_failures(out, left)
+    return left
+
+
 def write_failures(out: Path, failures: list[dict]) -> None:
     """``failed_runs.json`` lists the runs that failed in this invocation (removed when none did)."""
     path = out / "failed_runs.json"
@@ -314,6 +329,9 @@ def composition(ds: FaceDataset, attributes: list[str]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+SWEEP_TABLES = ("predictions.parquet", "runs.parquet", "fairness.parquet", "paired.parquet")
+
+
 def write_tables(out: Path, grid: list[RunSpec], exp: SweepExperiment, ds: FaceDataset) -> pd.DataFrame:
     """predictions, runs, composition, fairness and paired tables from the run files; returns predictions."""
     chash = config_hash(to_dict(exp))
@@ -321,7 +339,11 @@ def write_tables(out: Path, grid: list[RunSpec], exp: SweepExperiment, ds: FaceD
     attrs = fairness_attributes(exp, ds)
     write_table(composition(ds, attrs), out / "composition.parquet", config_hash=chash)
     if preds.empty:
-        logger.warning("no finished run yet: no predictions, fairness or paired tables")
+        stale = [name for name in SWEEP_TABLES if (out / name).exists()]
+        for name in stale:  # made by another configuration, or by runs no longer in the grid
+            (out / name).unlink()
+        logger.warning("no finished run of this configuration yet: no predictions, fairness or paired tables"
+                       + (f" (removed the earlier {', '.join(stale)})" if stale else ""))
         return preds
     write_table(preds, out / "predictions.parquet", config_hash=chash)
     write_table(runs, out / "runs.parquet", config_hash=chash)
@@ -406,14 +428,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if not joined:
                 ray.shutdown()
-    write_failures(out, failures)
+    if todo:
+        write_failures(out, failures)
+    else:
+        failures = earlier_failures(out, grid)
     preds = write_tables(out, grid, exp, ds)
     if not preds.empty:
         print("\nmean over folds x seeds [95% t interval]:")
         print("\n".join(summary_lines(preds, exp)))
+    failed = f"{len(failures)} failed" if todo else f"{len(failures)} failed in an earlier invocation"
     print(f"\n{preds['run_id'].nunique() if len(preds) else 0} of {len(grid)} runs in {out}; "
-          f"{len(failures)} failed" + (f" (see {out / 'failed_runs.json'})" if failures else ""))
-    return 1 if failures else 0
+          f"{failed}" + (f" (see {out / 'failed_runs.json'})" if failures else ""))
+    return 1 if failures and todo else 0
 
 
 if __name__ == "__main__":

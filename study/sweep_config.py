@@ -58,6 +58,16 @@ _BAD_LEVEL = "sweep.levels.{0}: level {1!r} must be in (0, 1]; level 0 is the ba
 _NO_LEVELS = "sweep.kinds lists {0!r} but sweep.levels.{0} is empty"
 _NO_BEST = "{0}: no best.toml; sweep.tuned must be a study.tune results folder whose search finished"
 _EMPTY = "sweep.{0} is empty"
+_REPEATED = "sweep.{0}: {1!r} is listed more than once ({2}); list each value once"
+
+
+def _no_repeats(key: str, values) -> None:
+    """A repeated value would train the same runs twice, or add a class's images twice."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(_REPEATED.format(key, value, list(values)))
+        seen.add(value)
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,7 @@ class LevelsConfig:
             for level in getattr(self, kind):
                 if not 0 < level <= 1:
                     raise ValueError(_BAD_LEVEL.format(kind, level))
+            _no_repeats(f"levels.{kind}", getattr(self, kind))
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,10 @@ class SweepConfig:
         _choice(where, "stereotypical_sizes", self.stereotypical_sizes, ("matched", "shrink"))
         _check(where, "n_boot", self.n_boot, self.n_boot >= 0, ">= 0")
         _check(where, "max_failures", self.max_failures, self.max_failures >= 0, ">= 0")
+        _check(where, "max_in_flight", self.max_in_flight, self.max_in_flight >= 0,
+               ">= 0 (0: as many runs as the cluster can run together)")
+        for key in ("archs", "kinds", "mitigations", "seeds", "stereotypical_classes", "fairness_attrs"):
+            _no_repeats(key, getattr(self, key))
         if "stereotypical" in self.kinds and not self.stereotypical_classes:
             raise ValueError(_EMPTY.format("stereotypical_classes"))
 

@@ -298,17 +298,28 @@ def test_smoke_test_runs_and_resume_trains_only_what_is_missing(tmp_path, ray_ru
     printed = capsys.readouterr().out
     assert len(PROGRESS.findall(printed)) == 8
     out = tmp_path / "smoke-bias-sweep"
-    removed = sorted((out / "runs").glob("*.parquet"))[0]
+    removed, kept = sorted((out / "runs").glob("*.parquet"))[:2]
     removed.unlink()
+    # an earlier invocation's record: the removed run, and one that has been finished since
+    record = [{"run_id": f.stem, "error": "RuntimeError", "message": "x"} for f in (removed, kept)]
+    (out / "failed_runs.json").write_text(json.dumps(record))
     assert bias_sweep.main(["--resume", str(out), "--tables-only"]) == 0  # tables of what is finished
-    assert len(PROGRESS.findall(capsys.readouterr().out)) == 0 and not removed.exists()
+    printed = capsys.readouterr().out
+    assert len(PROGRESS.findall(printed)) == 0 and not removed.exists()
+    assert "7 of 8 runs" in printed and "1 failed in an earlier invocation" in printed
+    assert [f["run_id"] for f in json.loads((out / "failed_runs.json").read_text())] == [removed.stem]
     assert pd.read_parquet(out / "predictions.parquet")["run_id"].nunique() == 7
     assert bias_sweep.main(["--resume", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "7 of 8 runs already done" in printed
     assert len(PROGRESS.findall(printed)) == 1
-    assert removed.is_file()
+    assert removed.is_file() and not (out / "failed_runs.json").exists()
     assert pd.read_parquet(out / "predictions.parquet")["run_id"].nunique() == 8
+    # another configuration matches none of the run files: its tables are not the old ones
+    assert bias_sweep.main(["--resume", str(out), "--tables-only", "sweep.group=Male"]) == 0
+    assert "0 of 8 runs" in capsys.readouterr().out
+    assert not any((out / name).exists() for name in bias_sweep.SWEEP_TABLES)
+    assert len(list((out / "runs").glob("*.parquet"))) == 8
 
 
 @pytest.mark.ray
@@ -330,6 +341,11 @@ def test_a_failing_run_is_retried_recorded_and_the_others_finish(tmp_path, ray_r
 
 # ---- configuration: fail fast, before any training ----
 
+def test_options_may_come_between_overrides():
+    args = bias_sweep.parse_args(["sweep.n_boot=0", "--max-runs", "2", "split.k=3", "--tables-only"])
+    assert args.overrides == ["sweep.n_boot=0", "split.k=3"] and args.max_runs == 2 and args.tables_only
+
+
 @pytest.mark.parametrize(("override", "match"), [
     ("sweep.archs=['resnet']", "unknown architecture 'resnet'"),
     ("sweep.levels.representational=[0.0]", "must be in \\(0, 1\\]"),
@@ -337,6 +353,11 @@ def test_a_failing_run_is_retried_recorded_and_the_others_finish(tmp_path, ray_r
     ("sweep.kinds=['sampling']", "kinds"),
     ("sweep.mitigations=['dropout']", "mitigations"),
     ("sweep.colour=1", "unknown config key 'sweep.colour'"),
+    # a repeated value trained the same runs twice and read their files twice into the tables
+    ("sweep.mitigations=['none', 'none']", "sweep.mitigations: 'none' is listed more than once"),
+    ("sweep.levels.representational=[0.5, 0.5]", "levels.representational: 0.5 is listed more than once"),
+    ("sweep.stereotypical_classes=['Happy', 'Happy']", "'Happy' is listed more than once"),
+    ("sweep.max_in_flight=-1", "max_in_flight"),  # submitted nothing and waited for ever
 ])
 def test_bad_config_is_refused_naming_the_key(override, match):
     with pytest.raises((KeyError, ValueError), match=match):
