@@ -240,6 +240,10 @@ def _stereotypical(ds: FaceDataset, train_idx: np.ndarray, spec: BiasSpec, rank:
         other = _by_rank(train_idx[~is_target & (labels == cls)], rank)
         n_t, n_o = stereotypical_counts(len(target), len(other), spec)
         keep += [target[:n_t], other[:n_o]]
+        if spec.level and not (len(target) if spec.direction == "up" else len(other)):
+            logger.warning("stereotypical %g: class %s has no training image %s %s, so its share cannot "
+                           "move: kept as it is", spec.level, cls,
+                           "of" if spec.direction == "up" else "outside", spec.group)
         if n_t + n_o < len(target) + len(other):
             logger.info("stereotypical %g: class %s capped at %d of %d images (share of %s %.2f)",
                          spec.level, cls, n_t + n_o, len(target) + len(other), spec.group,

@@ -124,6 +124,17 @@ def test_stereotypical_counts_keep_a_class_without_the_gaining_group():
     assert stereotypical_counts(10, 30, BiasSpec("stereotypical", 1.0, classes=("Happy",))) == (10, 0)
 
 
+def test_a_class_without_the_gaining_group_is_kept_and_said(ds, fold, caplog):
+    train, _ = fold
+    happy = ds.manifest["label"].to_numpy()[train] == "Happy"
+    no_women = train[~(happy & female(ds, train))]  # Happy has no woman left to gain share
+    spec = BiasSpec("stereotypical", 1.0, classes=("Happy",))
+    with caplog.at_level("WARNING", logger="fer_core.bias"):
+        rows = run(ds, (no_women, fold[1]), spec)
+    np.testing.assert_array_equal(rows, no_women)
+    assert "class Happy has no training image of Female, so its share cannot move" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def ds_with_copies(ds, fold):
     """``ds`` where 3 extras carry the image_id of a test image (as if the importer had missed them)."""
