@@ -42,15 +42,15 @@ def carve_validation(labels: np.ndarray, groups: np.ndarray, fraction: float, se
     """Split training indices into ``(fit_idx, val_idx)`` with about ``fraction`` held out for validation.
 
     Used for early stopping, so it comes from inside the training folds, never from the test fold. The
-    carve is one part of ``round(1 / fraction)`` stratified parts (at least 2), so every class gives about
-    ``fraction`` of its images; a class with fewer images than parts may give none (logged), and one
-    with fewer than 2 cannot be split (an error).
+    carve is one part of ``round(1 / fraction)`` stratified parts (at least 2, and no more than the largest
+    class has images), so every class gives about ``fraction`` of its images; a class with fewer images
+    than parts may give none (logged), and one with fewer than 2 cannot be split (an error).
     """
     values, counts = np.unique(labels, return_counts=True)
     if counts.min() < 2:
         raise ValueError(_TOO_FEW.format(values[counts.argmin()].item(), int(counts.min()), 2)
                          + " or set val_fraction=0")
-    n_splits = max(2, round(1 / fraction))
+    n_splits = max(2, min(round(1 / fraction), int(counts.max())))  # more parts than any class has: refused
     if counts.min() < n_splits:
         logger.warning(_SMALL_CLASS, values[counts.argmin()].item(), int(counts.min()), n_splits)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)

@@ -57,5 +57,9 @@ def test_a_tiny_class_does_not_enlarge_the_validation_carve(caplog):
     # each large class gives a tenth (the tiny one used to set the carve to a fifth of every class)
     np.testing.assert_array_equal(np.bincount(labels[val_idx], minlength=4)[1:], [30, 30, 30])
     assert sorted([*fit_idx, *val_idx]) == list(range(len(labels)))
+    # every class smaller than the ten parts a tenth needs: as many parts as the largest class has
+    small = np.repeat(np.arange(3), [6, 8, 4])
+    fit_idx, val_idx = carve_validation(small, np.arange(len(small)).astype(str), 0.1, seed=0)
+    assert len(val_idx) in (2, 3) and sorted([*fit_idx, *val_idx]) == list(range(len(small)))
     with pytest.raises(ValueError, match="1 images, fewer than k=2"):
         carve_validation(np.repeat(np.arange(2), [1, 50]), np.arange(51).astype(str), 0.1, seed=0)
