@@ -16,6 +16,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 logger = logging.getLogger(__name__)
 
 _TOO_FEW = "class {0!r} has {1} images, fewer than k={2} folds; use a smaller k"
+_NO_CARVE = ("validation carve: class {0!r} has {1} training image, too few to hold one out and keep one; "
+             "set val_fraction=0 or give the class more images")
 _SMALL_CLASS = ("validation carve: class %r has %d training images, fewer than the carve's %d parts, so "
                 "it may have none in validation")
 
@@ -48,8 +50,7 @@ def carve_validation(labels: np.ndarray, groups: np.ndarray, fraction: float, se
     """
     values, counts = np.unique(labels, return_counts=True)
     if counts.min() < 2:
-        raise ValueError(_TOO_FEW.format(values[counts.argmin()].item(), int(counts.min()), 2)
-                         + " or set val_fraction=0")
+        raise ValueError(_NO_CARVE.format(values[counts.argmin()].item(), int(counts.min())))
     n_splits = max(2, min(round(1 / fraction), int(counts.max())))  # more parts than any class has: refused
     if counts.min() < n_splits:
         logger.warning(_SMALL_CLASS, values[counts.argmin()].item(), int(counts.min()), n_splits)

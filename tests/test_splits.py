@@ -61,5 +61,5 @@ def test_a_tiny_class_does_not_enlarge_the_validation_carve(caplog):
     small = np.repeat(np.arange(3), [6, 8, 4])
     fit_idx, val_idx = carve_validation(small, np.arange(len(small)).astype(str), 0.1, seed=0)
     assert len(val_idx) in (2, 3) and sorted([*fit_idx, *val_idx]) == list(range(len(small)))
-    with pytest.raises(ValueError, match="1 images, fewer than k=2"):
+    with pytest.raises(ValueError, match="class 0 has 1 training image, too few to hold one out"):
         carve_validation(np.repeat(np.arange(2), [1, 50]), np.arange(51).astype(str), 0.1, seed=0)
